@@ -1,0 +1,4 @@
+//! Placeholder until this component lands.
+#![forbid(unsafe_code)]
+
+fn main() {}
