@@ -277,4 +277,51 @@ pub struct TerminalSessionStatus {
 pub mod conditions {
     /// Browsers can attach.
     pub const READY: &str = "Ready";
+    /// The session pod exists, or existed. False with the API server's own reason (Forbidden,
+    /// Invalid...) while the cluster refuses it.
+    pub const POD_CREATED: &str = "PodCreated";
+    /// The session reached a final phase (Succeeded, Expired or Failed); its reason says why.
+    pub const FINISHED: &str = "Finished";
+
+    // Reasons: `status.reason`, the reasons of the conditions above and of Events.
+
+    /// Pending: the operator is creating the session pod.
+    pub const REASON_CREATING_POD: &str = "CreatingPod";
+    /// Pending: the API server refused the session pod (quota, admission, unknown
+    /// RuntimeClass...); the message quotes it and the operator retries with backoff.
+    pub const REASON_POD_REJECTED: &str = "PodRejected";
+    /// Pending: a pod with the session pod's name exists and belongs to something else.
+    pub const REASON_POD_NAME_CONFLICT: &str = "PodNameConflict";
+    /// PodCreated: the session pod exists.
+    pub const REASON_POD_CREATED: &str = "PodCreated";
+    /// Pending: waiting for the scheduler.
+    pub const REASON_SCHEDULING: &str = "Scheduling";
+    /// Pending: the scheduler found no node for the pod; the message says why.
+    pub const REASON_UNSCHEDULABLE: &str = "Unschedulable";
+    /// Starting: the pod is on a node, its container is being created.
+    pub const REASON_CONTAINER_CREATING: &str = "ContainerCreating";
+    /// Starting: the agent runs but does not answer its readiness probe yet.
+    pub const REASON_AGENT_STARTING: &str = "AgentStarting";
+    /// Starting: the pod's node stopped reporting.
+    pub const REASON_POD_UNKNOWN: &str = "PodUnknown";
+    /// Ready: browsers can attach.
+    pub const REASON_AGENT_READY: &str = "AgentReady";
+    /// Succeeded: the shell exited; `status.exitCode` has its status.
+    pub const REASON_SHELL_EXITED: &str = "ShellExited";
+    /// Expired: nobody attached and nothing happened for the idle timeout.
+    pub const REASON_IDLE_TIMEOUT: &str = "IdleTimeout";
+    /// Expired: the session reached its maximum lifetime (the pod's activeDeadlineSeconds).
+    pub const REASON_MAX_LIFETIME_EXCEEDED: &str = "MaxLifetimeExceeded";
+    /// Failed: the agent was stopped from outside (pod deleted, node drained).
+    pub const REASON_TERMINATED: &str = "Terminated";
+    /// Failed: the session pod was deleted while the session was live. The operator does not
+    /// recreate it: the shell and its state are gone, and a fresh shell under the old name
+    /// would pretend otherwise.
+    pub const REASON_POD_DELETED: &str = "PodDeleted";
+    /// Failed: the node evicted the pod (memory or disk pressure).
+    pub const REASON_EVICTED: &str = "Evicted";
+    /// Failed: the session container ran out of memory.
+    pub const REASON_OOM_KILLED: &str = "OOMKilled";
+    /// Failed: the agent exited without saying why (crash, bad image...).
+    pub const REASON_AGENT_FAILED: &str = "AgentFailed";
 }

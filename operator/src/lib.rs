@@ -1,5 +1,28 @@
-//! The Tether operator.
+//! The Tether operator: reconciles each `TerminalSession` into a sandboxed session pod and
+//! keeps the session's status honest about it.
+//!
+//! The domain logic is pure and client-free: [`pod::build_pod`],
+//! [`network_policy::build_network_policy`] and [`status::desired_status`]. [`controller`] is
+//! the thin layer that observes, applies and records; [`server`], [`metrics`] and [`leader`]
+//! are the runtime around it.
 #![forbid(unsafe_code)]
+
+pub mod config;
+pub mod controller;
+pub mod error;
+pub mod leader;
+pub mod metrics;
+pub mod network_policy;
+pub mod pod;
+pub mod server;
+pub mod status;
+#[cfg(test)]
+mod testing;
+
+pub use error::{Error, Result};
+
+/// The field manager of every object and status the operator applies.
+pub const FIELD_MANAGER: &str = "tether-operator";
 
 /// The CRD YAML of every Tether resource, as `crds/` holds it.
 pub fn crd_yaml() -> String {

@@ -1,0 +1,474 @@
+//! The reconciler: observe the session's pod, create it when it is missing, compute the
+//! status, write what changed, clean up what finished.
+//!
+//! Every write is a Server-Side Apply under [`FIELD_MANAGER`] or a delete with a UID
+//! precondition; the spec is never written. A second reconcile of an unchanged world makes no
+//! request but reads. Status applies carry the session's resourceVersion, so a reconcile that
+//! ran on a stale copy of the session (the watch lags behind our own writes) gets a conflict
+//! and retries on the fresh copy instead of overwriting a newer status.
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use futures::StreamExt;
+use k8s_openapi::{
+    api::{core::v1::Pod, networking::v1::NetworkPolicy},
+    jiff::Timestamp,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
+    runtime::{
+        Controller,
+        controller::{self, Action},
+        events::{Event, EventType, Recorder, Reporter},
+        reflector::ObjectRef,
+        watcher,
+    },
+};
+use serde_json::json;
+use tether_api::{SessionPhase, TerminalSession, TerminalSessionStatus, conditions as c};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::{
+    Error, FIELD_MANAGER, Result,
+    config::Settings,
+    error::backoff,
+    metrics::Metrics,
+    network_policy::build_network_policy,
+    pod::{build_pod, is_owned_by, labels, pod_name},
+    status::{PodState, Rejection, desired_status},
+};
+
+/// How often a live session is looked at again with no event: a safety net, not the driver.
+const RESYNC: Duration = Duration::from_secs(300);
+/// Retry delay of a pod with a name conflict; a person must act, so there is no hurry.
+const CONFLICT_RETRY: Duration = Duration::from_secs(60);
+/// First retry of a refused pod; doubles up to [`MAX_BACKOFF`].
+const REJECTION_BACKOFF: Duration = Duration::from_secs(5);
+/// First retry after a transient error; doubles up to [`MAX_BACKOFF`].
+const ERROR_BACKOFF: Duration = Duration::from_secs(1);
+/// Longest wait between retries.
+const MAX_BACKOFF: Duration = Duration::from_secs(300);
+
+/// What every reconciliation shares.
+pub struct Context {
+    /// The API client.
+    pub client: Client,
+    /// The administrator's settings.
+    pub settings: Settings,
+    /// Metrics.
+    pub metrics: Metrics,
+    recorder: Recorder,
+    /// Refused pods: attempts so far and when to try again, per session.
+    rejections: Mutex<HashMap<ObjectRef<TerminalSession>, (u32, Instant)>>,
+    /// Consecutive failed reconciliations per session.
+    failures: Mutex<HashMap<ObjectRef<TerminalSession>, u32>>,
+    clock: fn() -> Timestamp,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    /// A context whose events name `instance` as the reporting replica.
+    pub fn new(client: Client, settings: Settings, metrics: Metrics, instance: String) -> Self {
+        let reporter = Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(instance),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            settings,
+            metrics,
+            rejections: Mutex::default(),
+            failures: Mutex::default(),
+            clock: Timestamp::now,
+        }
+    }
+
+    async fn publish(
+        &self,
+        session: &TerminalSession,
+        type_: EventType,
+        reason: &str,
+        note: String,
+    ) {
+        let event = Event {
+            type_,
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = self
+            .recorder
+            .publish(&event, &session.object_ref(&()))
+            .await
+        {
+            // An event is worth a log line, not a failed reconciliation.
+            warn!(error = %e, reason, "cannot publish event");
+        }
+    }
+}
+
+/// Reconciles one session. See the module documentation for the rules.
+pub async fn reconcile(session: Arc<TerminalSession>, ctx: Arc<Context>) -> Result<Action> {
+    let namespace = session
+        .namespace()
+        .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
+    let span = info_span!("reconcile", %namespace, name = %session.name_any());
+    async move {
+        let started = Instant::now();
+        ctx.metrics.reconciliations.inc();
+        let result = reconcile_inner(&session, &ctx, &namespace).await;
+        ctx.metrics.observe_reconcile(started.elapsed());
+        if result.is_ok() {
+            ctx.failures
+                .lock()
+                .expect("not poisoned")
+                .remove(&ObjectRef::from_obj(&*session));
+        }
+        result
+    }
+    .instrument(span)
+    .await
+}
+
+async fn reconcile_inner(
+    session: &TerminalSession,
+    ctx: &Context,
+    namespace: &str,
+) -> Result<Action> {
+    if session.meta().deletion_timestamp.is_some() {
+        // The pod goes with its owner through garbage collection; nothing to undo here.
+        return Ok(Action::await_change());
+    }
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = pod_name(session)?;
+    let old = session.status.clone().unwrap_or_default();
+    let now = (ctx.clock)();
+
+    if old.phase.is_some_and(SessionPhase::is_finished) {
+        return finished(session, ctx, &pods, &name, &old, now).await;
+    }
+
+    let key = ObjectRef::from_obj(session);
+    if old.reason.as_deref() == Some(c::REASON_POD_REJECTED) {
+        // Our own status write triggers a reconcile at once; the backoff decides, not the echo.
+        let wait = ctx
+            .rejections
+            .lock()
+            .expect("not poisoned")
+            .get(&key)
+            .map(|(_, at)| at.saturating_duration_since(Instant::now()))
+            .filter(|d| !d.is_zero());
+        if let Some(wait) = wait {
+            debug!(?wait, "pod refused before; waiting out the backoff");
+            return Ok(Action::requeue(wait));
+        }
+    }
+    let existing = pods.get_opt(&name).await?;
+    let created: Option<Pod>;
+    let rejection: Option<Rejection>;
+    let observed = match &existing {
+        Some(pod) if is_owned_by(pod, session) => PodState::Present(pod),
+        Some(_) => PodState::NotOwned,
+        None if old.pod_name.is_some() => PodState::Gone,
+        None => match create_pod(session, ctx, namespace, &pods).await {
+            Ok(pod) => {
+                ctx.rejections.lock().expect("not poisoned").remove(&key);
+                info!(pod = %name, "created session pod");
+                ctx.publish(
+                    session,
+                    EventType::Normal,
+                    c::REASON_POD_CREATED,
+                    format!("Created session pod {name}"),
+                )
+                .await;
+                created = Some(pod);
+                PodState::Present(created.as_ref().expect("just set"))
+            }
+            Err(kube::Error::Api(status)) if Rejection::from_status(&status).is_some() => {
+                rejection = Rejection::from_status(&status);
+                PodState::Rejected(rejection.as_ref().expect("just checked"))
+            }
+            Err(e) => return Err(e.into()),
+        },
+    };
+
+    let new = desired_status(session, observed, now);
+    if new != old {
+        patch_status(session, ctx, &new).await?;
+    }
+    record_transition(session, ctx, &old, &new).await;
+
+    match observed {
+        PodState::Rejected(r) => {
+            ctx.metrics.error(c::REASON_POD_REJECTED);
+            let mut map = ctx.rejections.lock().expect("not poisoned");
+            let attempts = map.get(&key).map_or(0, |(n, _)| *n);
+            let wait = backoff(attempts, REJECTION_BACKOFF, MAX_BACKOFF);
+            map.insert(key, (attempts + 1, Instant::now() + wait));
+            warn!(code = r.code, reason = %r.reason, message = %r.message, ?wait, "the cluster refused the session pod");
+            Ok(Action::requeue(wait))
+        }
+        PodState::NotOwned => Ok(Action::requeue(CONFLICT_RETRY)),
+        PodState::Present(pod) if new.phase.is_some_and(SessionPhase::is_finished) => {
+            delete_pod(&pods, pod).await?;
+            Ok(after_finish(session, &new, now))
+        }
+        _ if new.phase.is_some_and(SessionPhase::is_finished) => {
+            Ok(after_finish(session, &new, now))
+        }
+        _ => Ok(Action::requeue(RESYNC)),
+    }
+}
+
+async fn create_pod(
+    session: &TerminalSession,
+    ctx: &Context,
+    namespace: &str,
+    pods: &Api<Pod>,
+) -> Result<Pod, kube::Error> {
+    // The policy first, so the pod never runs unprotected.
+    let policy = build_network_policy(namespace, &ctx.settings);
+    let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
+    let params = PatchParams::apply(FIELD_MANAGER).force();
+    policies
+        .patch(&policy.name_any(), &params, &Patch::Apply(&policy))
+        .await?;
+    let pod = build_pod(session, &ctx.settings).map_err(|e| {
+        // Only a session without a UID fails here, which the API server never serves.
+        kube::Error::Api(
+            kube::core::Status::failure(&e.to_string(), "Invalid")
+                .with_code(422)
+                .boxed(),
+        )
+    })?;
+    pods.patch(&pod.name_any(), &params, &Patch::Apply(&pod))
+        .await
+}
+
+async fn patch_status(
+    session: &TerminalSession,
+    ctx: &Context,
+    status: &TerminalSessionStatus,
+) -> Result<()> {
+    let api: Api<TerminalSession> =
+        Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+    let patch = json!({
+        "apiVersion": TerminalSession::api_version(&()),
+        "kind": TerminalSession::kind(&()),
+        "metadata": {
+            "name": session.name_any(),
+            // A precondition: a stale copy of the session must not overwrite a newer status.
+            "resourceVersion": session.resource_version(),
+        },
+        "status": status,
+    });
+    api.patch_status(
+        &session.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn record_transition(
+    session: &TerminalSession,
+    ctx: &Context,
+    old: &TerminalSessionStatus,
+    new: &TerminalSessionStatus,
+) {
+    if old.ready_time.is_none()
+        && let (Some(ready), Some(created)) = (&new.ready_time, &session.meta().creation_timestamp)
+    {
+        let took = ready.0.duration_since(created.0).as_secs_f64().max(0.0);
+        ctx.metrics.time_to_ready.observe(took);
+    }
+    let phase_changed = old.phase != new.phase;
+    let reason_changed = old.reason != new.reason;
+    let reason = new.reason.clone().unwrap_or_default();
+    let warning = new.phase == Some(SessionPhase::Failed)
+        || (new.phase == Some(SessionPhase::Pending)
+            && ![c::REASON_CREATING_POD, c::REASON_SCHEDULING].contains(&reason.as_str()))
+        || (new.phase == Some(SessionPhase::Starting)
+            && ![c::REASON_CONTAINER_CREATING, c::REASON_AGENT_STARTING]
+                .contains(&reason.as_str()));
+    // Every phase change is an event; within a phase only trouble is, so a session's events
+    // read as its story and not as a log of the kubelet's progress.
+    // A new session's PodCreated event already says what its first Pending means.
+    let quiet_start = new.phase == Some(SessionPhase::Pending) && !warning;
+    if !((phase_changed && !quiet_start) || (reason_changed && warning)) {
+        return;
+    }
+    let phase = new.phase.unwrap_or_default();
+    info!(%phase, %reason, "session transition");
+    let type_ = if warning {
+        EventType::Warning
+    } else {
+        EventType::Normal
+    };
+    ctx.publish(
+        session,
+        type_,
+        &reason,
+        new.message.clone().unwrap_or_default(),
+    )
+    .await;
+}
+
+/// A finished session: make sure its pod is gone, then honour `ttlSecondsAfterFinished`.
+async fn finished(
+    session: &TerminalSession,
+    ctx: &Context,
+    pods: &Api<Pod>,
+    name: &str,
+    status: &TerminalSessionStatus,
+    now: Timestamp,
+) -> Result<Action> {
+    if let Some(pod) = pods.get_opt(name).await?
+        && is_owned_by(&pod, session)
+        && pod.meta().deletion_timestamp.is_none()
+    {
+        delete_pod(pods, &pod).await?;
+    }
+    let Some(ttl) = session.spec.ttl_seconds_after_finished else {
+        return Ok(Action::await_change());
+    };
+    let finished_at = status.finish_time.as_ref().map_or(now, |t| t.0);
+    let due = finished_at + Duration::from_secs(ttl.max(0) as u64);
+    if now < due {
+        return Ok(Action::requeue(now.duration_until(due).unsigned_abs()));
+    }
+    let api: Api<TerminalSession> =
+        Api::namespaced(ctx.client.clone(), &session.namespace().unwrap_or_default());
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: session.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    info!(
+        ttl,
+        "deleting the finished session: ttlSecondsAfterFinished passed"
+    );
+    match api.delete(&session.name_any(), &params).await {
+        Ok(_) => Ok(Action::await_change()),
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(Action::await_change()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+fn after_finish(
+    session: &TerminalSession,
+    status: &TerminalSessionStatus,
+    now: Timestamp,
+) -> Action {
+    match session.spec.ttl_seconds_after_finished {
+        Some(ttl) => {
+            let at = status.finish_time.as_ref().map_or(now, |t| t.0);
+            let due = at + Duration::from_secs(ttl.max(0) as u64);
+            Action::requeue(
+                now.duration_until(due)
+                    .unsigned_abs()
+                    .max(Duration::from_secs(1)),
+            )
+        }
+        None => Action::await_change(),
+    }
+}
+
+/// Deletes the pod of a finished session to free its node's resources. The UID precondition
+/// makes sure a pod recreated in between is not the one deleted.
+async fn delete_pod(pods: &Api<Pod>, pod: &Pod) -> Result<()> {
+    let params = DeleteParams {
+        preconditions: Some(Preconditions {
+            uid: pod.uid(),
+            resource_version: None,
+        }),
+        ..DeleteParams::background()
+    };
+    match pods.delete(&pod.name_any(), &params).await {
+        Ok(_) => {
+            info!(pod = %pod.name_any(), "deleted the finished session's pod");
+            Ok(())
+        }
+        Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What to do after a failed reconciliation: transient errors retry with a backoff per
+/// session (1 s doubling to 5 min), permanent ones wait for the session to change.
+pub fn error_policy(session: Arc<TerminalSession>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(error.metric_label());
+    if !error.is_transient() {
+        warn!(name = %session.name_any(), error = %error, "reconcile failed; waiting for a change");
+        return Action::await_change();
+    }
+    let mut failures = ctx.failures.lock().expect("not poisoned");
+    let n = failures.entry(ObjectRef::from_obj(&*session)).or_default();
+    let wait = backoff(*n, ERROR_BACKOFF, MAX_BACKOFF);
+    *n += 1;
+    warn!(name = %session.name_any(), error = %error, ?wait, "reconcile failed; retrying");
+    Action::requeue(wait)
+}
+
+/// Runs the controller until `shutdown` resolves, then lets reconciliations in flight finish.
+/// `ready` turns true once the watch caches have synced.
+pub async fn run(
+    ctx: Arc<Context>,
+    namespace: Option<&str>,
+    concurrency: u16,
+    ready: Arc<AtomicBool>,
+    shutdown: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (sessions, pods): (Api<TerminalSession>, Api<Pod>) = match namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client, ns),
+        ),
+        None => (Api::all(client.clone()), Api::all(client)),
+    };
+    let controller = Controller::new(sessions, watcher::Config::default().any_semantic())
+        .owns(pods, watcher::Config::default().labels(labels::SELECTOR))
+        .with_config(controller::Config::default().concurrency(concurrency))
+        .graceful_shutdown_on(shutdown);
+    let store = controller.store();
+    ctx.metrics.count_sessions_in(store.clone());
+    tokio::spawn(async move {
+        if store.wait_until_ready().await.is_ok() {
+            ready.store(true, Ordering::SeqCst);
+            info!("watch caches synced");
+        }
+    });
+    controller
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                debug!(error = %e, "reconcile error");
+            }
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests;
