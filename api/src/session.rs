@@ -44,7 +44,10 @@ pub struct TerminalSessionSpec {
     /// session, the way storageClassName selects a StorageClass. Omit it for the operator's
     /// defaults.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub class_name: Option<String>,
 
     /// Container image of the session pod. It must contain the tether session agent and tmux.
@@ -109,7 +112,10 @@ pub struct TerminalSessionSpec {
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SessionEnvVar {
     /// Variable name: letters, digits and underscores, not starting with a digit or TETHER_.
-    #[schemars(length(min = 1, max = 256), regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$"))]
+    #[schemars(
+        length(min = 1, max = 256),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
     #[x_kube(validation = Rule::new("!self.startsWith('TETHER_')").message("names starting with TETHER_ are reserved for the session agent"))]
     pub name: String,
     /// Variable value.

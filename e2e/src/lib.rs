@@ -1,1 +1,21 @@
-//! e2e
+//! The ground Tether's tests stand on: a real Kubernetes control plane built from its Go
+//! modules and run on loopback, temporary namespaces, and the `cargo dev` commands.
+//!
+//! ```no_run
+//! # async fn example() {
+//! let cp = tether_e2e::ControlPlane::shared().await;
+//! cp.install_crds().await;
+//! let ns = cp.namespace("demo").await;
+//! let admin = cp.admin_client().await;
+//! # let _ = (ns, admin);
+//! # }
+//! ```
+
+pub mod binaries;
+pub mod controlplane;
+pub mod namespace;
+pub mod pki;
+pub mod process;
+
+pub use controlplane::{ControlPlane, Options, client_from_kubeconfig, free_port, install_crds};
+pub use namespace::TestNamespace;

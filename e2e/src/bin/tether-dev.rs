@@ -1,1 +1,209 @@
-fn main() {}
+//! `cargo dev`: the two commands README.md starts with.
+//!
+//! - `cargo dev up` builds what is missing, starts a local control plane, installs the CRDs,
+//!   writes `.tether/kubeconfig` and runs until Ctrl-C.
+//! - `cargo dev test` installs what the tests need, then runs every check CI runs: formatting,
+//!   clippy, and the whole test suite against the real control plane.
+
+use std::{
+    path::Path,
+    process::{Command, ExitCode},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Parser, Subcommand};
+use tether_e2e::{ControlPlane, Options, binaries};
+
+#[derive(Parser, Debug)]
+#[command(name = "cargo dev", about = "Run Tether locally and test it", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Start the local control plane with Tether installed; stop with Ctrl-C.
+    Up {
+        /// Port of the local kube-apiserver (0 picks a free one).
+        #[arg(long, default_value_t = 6443)]
+        api_port: u16,
+    },
+    /// Install what the tests need, then run formatting, lint and the whole test suite.
+    Test {
+        /// Skip `cargo fmt --check` and clippy (for a quick local loop; CI runs them).
+        #[arg(long)]
+        no_lint: bool,
+        /// Extra arguments for `cargo test` (for example a test name filter after `--`).
+        #[arg(last = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Build (or find in the cache) the control-plane binaries and print where they are.
+    BuildControlPlane,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Cmd::Up { api_port } => up(api_port),
+        Cmd::Test {
+            no_lint,
+            cargo_test_args,
+        } => test(no_lint, &cargo_test_args),
+        Cmd::BuildControlPlane => build_control_plane(),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cargo dev: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn build_control_plane() -> anyhow::Result<()> {
+    let bins = binaries::ensure()?;
+    println!(
+        "{}",
+        bins.kube_apiserver
+            .parent()
+            .expect("binaries live in a directory")
+            .display()
+    );
+    Ok(())
+}
+
+fn up(api_port: u16) -> anyhow::Result<()> {
+    let root = binaries::repo_root();
+    let state = root.join(".tether");
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async {
+        let cp = ControlPlane::start(Options {
+            dir: state.join("controlplane"),
+            api_port,
+        })
+        .await
+        .context("starting the local control plane")?;
+        tether_e2e::install_crds(&cp.admin_client().await)
+            .await
+            .context("installing crds/")?;
+        let kubeconfig = state.join("kubeconfig");
+        std::fs::copy(cp.admin_kubeconfig(), &kubeconfig)
+            .with_context(|| format!("writing {}", kubeconfig.display()))?;
+        let bins = binaries::ensure()?;
+        let bin_dir = bins.kubectl.parent().expect("binaries live in a directory");
+        println!();
+        println!("Tether is up: the control plane answers at {}", cp.server());
+        println!();
+        println!("  export KUBECONFIG={}", kubeconfig.display());
+        println!(
+            "  export PATH={}:$PATH   # kubectl {}",
+            bin_dir.display(),
+            binaries::KUBERNETES_VERSION
+        );
+        println!("  kubectl apply -f examples/basic.yaml && kubectl get ts");
+        println!();
+        println!(
+            "Logs are in {}. Press Ctrl-C to stop everything.",
+            cp.dir().join("logs").display()
+        );
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        println!("\nStopping the control plane.");
+        cp.stop();
+        Ok(())
+    })
+}
+
+fn test(no_lint: bool, cargo_test_args: &[String]) -> anyhow::Result<()> {
+    let root = binaries::repo_root();
+    ensure_debian_packages(&["tmux"])?;
+    step("building the control plane (cached after the first run)");
+    let bins = binaries::ensure()?;
+    let bin_dir = bins
+        .kubectl
+        .parent()
+        .expect("binaries live in a directory")
+        .to_path_buf();
+    if !no_lint {
+        step("cargo fmt --check");
+        run(cargo(&root).args(["fmt", "--all", "--check"]))?;
+        step("cargo clippy --workspace --all-targets -- -D warnings");
+        run(cargo(&root).args([
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ]))?;
+    }
+    step("cargo test --workspace");
+    let path = format!(
+        "{}:{}",
+        bin_dir.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    run(cargo(&root)
+        .args(["test", "--workspace", "--no-fail-fast"])
+        .args(cargo_test_args)
+        .env("TETHER_CONTROLPLANE_BIN", &bin_dir)
+        .env("PATH", path))?;
+    step("all checks passed");
+    Ok(())
+}
+
+fn step(what: &str) {
+    eprintln!("\n==> {what}");
+}
+
+fn cargo(root: &Path) -> Command {
+    let mut cmd = Command::new(std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into()));
+    cmd.current_dir(root);
+    cmd
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let status = cmd.status().with_context(|| format!("running {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Installs the Debian packages the tests need when running as root; otherwise names the exact
+/// command and stops, since a test run must not ask for a password halfway through.
+fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = packages.iter().copied().filter(|p| !which(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let is_root = nix::unistd::Uid::effective().is_root();
+    let command = format!(
+        "apt-get update && apt-get install -y --no-install-recommends {}",
+        missing.join(" ")
+    );
+    if !is_root {
+        bail!(
+            "the tests need {}; install them with:\n  sudo sh -c '{command}'",
+            missing.join(", ")
+        );
+    }
+    step(&format!("installing {} with apt-get", missing.join(", ")));
+    run(Command::new("sh")
+        .args(["-c", &command])
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|paths| std::env::split_paths(&paths).any(|d| is_executable(&d.join(program))))
+        .unwrap_or(false)
+}
+
+fn is_executable(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    path.metadata()
+        .is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+}
