@@ -131,6 +131,7 @@ fn init_tracing(format: &str) {
     if format == "json" {
         fmt().json().with_env_filter(filter).init();
     } else {
-        fmt().with_env_filter(filter).init();
+        let ansi = std::io::IsTerminal::is_terminal(&std::io::stdout());
+        fmt().with_ansi(ansi).with_env_filter(filter).init();
     }
 }
