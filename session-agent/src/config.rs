@@ -1,0 +1,184 @@
+//! Command-line flags, each with an environment fallback so the operator can configure the agent
+//! through the pod spec alone.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+use crate::{Error, Result};
+
+/// Serves one Tether terminal session: a tmux server running the session's shell, behind the
+/// `tether.v1` WebSocket protocol on `GET /attach` (ticket in `Authorization: Bearer`), with
+/// `GET /healthz`, `GET /readyz` and `GET /metrics` on the same address.
+///
+/// The shell command follows `--` (or TETHER_COMMAND as a JSON array); default `/bin/sh`.
+///
+/// On exit the agent writes one line of JSON to the termination message path:
+/// {"reason":"ShellExited","exitCode":N,"message":..}, {"reason":"IdleTimeout",..} or
+/// {"reason":"Terminated",..} (all exit 0), or {"reason":"Error",..} (exit 1).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "tether-session-agent", version, verbatim_doc_comment)]
+pub struct Args {
+    /// Address for HTTP and WebSocket.
+    #[arg(long, env = "TETHER_LISTEN", default_value = "0.0.0.0:7681")]
+    pub listen: SocketAddr,
+
+    /// The session this agent serves, "namespace/name"; tickets must name it in `sid`.
+    #[arg(long, env = "TETHER_SESSION")]
+    pub session: String,
+
+    /// The session's resource UID; tickets must name it in `suid`.
+    #[arg(long, env = "TETHER_SESSION_UID")]
+    pub session_uid: String,
+
+    /// The gateway's Ed25519 public key (PEM) that signs attach tickets.
+    #[arg(
+        long,
+        env = "TETHER_TICKET_PUBLIC_KEY",
+        hide_env_values = true,
+        conflicts_with = "ticket_public_key_file"
+    )]
+    pub ticket_public_key: Option<String>,
+
+    /// File holding the gateway's Ed25519 public key (PEM).
+    #[arg(long, env = "TETHER_TICKET_PUBLIC_KEY_FILE")]
+    pub ticket_public_key_file: Option<PathBuf>,
+
+    /// Exit once no client has been attached and the shell has printed nothing for this long.
+    /// 0 disables.
+    #[arg(long, env = "TETHER_IDLE_TIMEOUT_SECONDS", default_value_t = 0)]
+    pub idle_timeout_seconds: u64,
+
+    /// Where to write why the agent exited (Kubernetes reads it into the container status).
+    #[arg(
+        long,
+        env = "TETHER_TERMINATION_MESSAGE_PATH",
+        default_value = "/dev/termination-log"
+    )]
+    pub termination_message_path: PathBuf,
+
+    /// Directory for the private tmux socket and configuration.
+    #[arg(long, env = "TETHER_STATE_DIR", default_value = "/tmp/tether")]
+    pub state_dir: PathBuf,
+
+    /// Initial terminal width.
+    #[arg(long, env = "TETHER_COLS", default_value_t = 80, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub cols: u16,
+
+    /// Initial terminal height.
+    #[arg(long, env = "TETHER_ROWS", default_value_t = 24, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub rows: u16,
+
+    /// When set, write an asciicast v2 recording of the session's output into this directory.
+    #[arg(long, env = "TETHER_RECORDING_DIR")]
+    pub recording_dir: Option<PathBuf>,
+
+    /// Flow-control window: a client's pty is not read while this many bytes are unacknowledged.
+    #[arg(long, env = "TETHER_WINDOW_BYTES", default_value_t = 512 * 1024, value_parser = clap::value_parser!(u32).range(4096..))]
+    pub window_bytes: u32,
+
+    /// Output each client keeps for resume (at least the window).
+    #[arg(long, env = "TETHER_BUFFER_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub buffer_bytes: usize,
+
+    /// How long a disconnected client is kept for a resume.
+    #[arg(long, env = "TETHER_RESUME_GRACE_SECONDS", default_value_t = 60)]
+    pub resume_grace_seconds: u64,
+
+    /// Most clients (attached, observing or in their grace period) at once.
+    #[arg(long, env = "TETHER_MAX_CLIENTS", default_value_t = 32)]
+    pub max_clients: usize,
+
+    /// How long SIGTERM waits for connections to close before the agent exits.
+    #[arg(long, env = "TETHER_DRAIN_SECONDS", default_value_t = 5)]
+    pub drain_seconds: u64,
+
+    /// Tests only: write each client's output stream, byte for byte, to a file named after the
+    /// client id in this directory, so tests can check a transcript against what was sent.
+    #[arg(long, hide = true)]
+    pub debug_tee_dir: Option<PathBuf>,
+
+    /// Log format.
+    #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+
+    /// The shell and its arguments.
+    #[arg(last = true)]
+    pub command: Vec<String>,
+}
+
+/// Validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub session: String,
+    pub session_uid: String,
+    pub ticket_public_key: String,
+    pub idle_timeout: Option<Duration>,
+    pub termination_message_path: PathBuf,
+    pub state_dir: PathBuf,
+    pub cols: u16,
+    pub rows: u16,
+    pub recording_dir: Option<PathBuf>,
+    pub window: u32,
+    pub buffer_bytes: usize,
+    pub resume_grace: Duration,
+    pub max_clients: usize,
+    pub drain: Duration,
+    pub command: Vec<String>,
+    pub debug_tee_dir: Option<PathBuf>,
+}
+
+impl Args {
+    pub fn into_config(self) -> Result<Config> {
+        let ticket_public_key = match (self.ticket_public_key, self.ticket_public_key_file) {
+            (Some(k), _) => k,
+            (None, Some(path)) => std::fs::read_to_string(&path)
+                .map_err(|e| Error::Io(format!("{}", path.display()), e))?,
+            (None, None) => {
+                return Err(Error::Config(
+                    "--ticket-public-key or --ticket-public-key-file is required".into(),
+                ));
+            }
+        };
+        let command = if !self.command.is_empty() {
+            self.command
+        } else if let Ok(json) = std::env::var("TETHER_COMMAND") {
+            serde_json::from_str::<Vec<String>>(&json).map_err(|e| {
+                Error::Config(format!(
+                    "TETHER_COMMAND must be a JSON array of strings: {e}"
+                ))
+            })?
+        } else {
+            vec!["/bin/sh".into()]
+        };
+        if command.is_empty() {
+            return Err(Error::Config("the shell command is empty".into()));
+        }
+        if !self.session.contains('/') {
+            return Err(Error::Config("--session must be namespace/name".into()));
+        }
+        Ok(Config {
+            listen: self.listen,
+            session: self.session,
+            session_uid: self.session_uid,
+            ticket_public_key,
+            idle_timeout: (self.idle_timeout_seconds > 0)
+                .then(|| Duration::from_secs(self.idle_timeout_seconds)),
+            termination_message_path: self.termination_message_path,
+            state_dir: self.state_dir,
+            cols: self.cols,
+            rows: self.rows,
+            recording_dir: self.recording_dir,
+            window: self.window_bytes,
+            buffer_bytes: self.buffer_bytes.max(self.window_bytes as usize),
+            resume_grace: Duration::from_secs(self.resume_grace_seconds),
+            max_clients: self.max_clients,
+            drain: Duration::from_secs(self.drain_seconds),
+            command,
+            debug_tee_dir: self.debug_tee_dir,
+        })
+    }
+}

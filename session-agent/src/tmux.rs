@@ -1,0 +1,215 @@
+//! The tmux server behind a session: started on a socket private to the agent, queried for the
+//! shell's state, captured for snapshots, killed at the end.
+//!
+//! Options are chosen so tmux is invisible to a browser user (see `TMUX_CONF`): no status bar,
+//! no prefix key (Ctrl-B reaches the shell), no mouse capture (the browser selects text), no
+//! escape delay, and panes that stay after the shell exits so its exit status can be read.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tether_protocol::{Size, SnapshotFrame};
+use tokio::process::Command;
+
+use crate::{Error, Result};
+
+/// The tmux session name inside the private server.
+pub const SESSION: &str = "main";
+
+/// Written to the state directory and loaded when the server starts.
+pub const TMUX_CONF: &str = "\
+# Written by tether-session-agent. tmux should be invisible in a browser terminal.
+set -g status off
+set -g mouse off
+set -g prefix None
+set -g prefix2 None
+unbind -a -T prefix
+set -s escape-time 0
+set -g remain-on-exit on
+set -g history-limit 10000
+set -g default-terminal tmux-256color
+set -sa terminal-overrides ',xterm-256color:Tc'
+set -g window-size latest
+set -g aggressive-resize on
+set -s exit-empty off
+set -s exit-unattached off
+set -g destroy-unattached off
+set -g set-titles off
+set -g visual-bell off
+set -g focus-events off
+";
+
+/// Handle on the private tmux server.
+#[derive(Debug, Clone)]
+pub struct Tmux {
+    socket: PathBuf,
+}
+
+/// What the agent polls for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PaneState {
+    /// `Some(status)` once the shell has exited (128+signal if killed by a signal).
+    pub exited: Option<i32>,
+    /// Seconds since the epoch of the last output in the window.
+    pub activity: u64,
+}
+
+impl Tmux {
+    pub fn new(state_dir: &Path) -> Self {
+        Self {
+            socket: state_dir.join("tmux.sock"),
+        }
+    }
+
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A `tmux` command on the private socket. `-u` because browsers speak UTF-8 whatever the
+    /// container's locale says.
+    pub fn command(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.arg("-u").arg("-S").arg(&self.socket);
+        c.kill_on_drop(true);
+        c
+    }
+
+    /// Starts the server with the shell in session [`SESSION`].
+    pub async fn start(&self, state_dir: &Path, argv: &[String], size: Size) -> Result<()> {
+        std::fs::create_dir_all(state_dir)
+            .map_err(|e| Error::Io(state_dir.display().to_string(), e))?;
+        let conf = state_dir.join("tmux.conf");
+        std::fs::write(&conf, TMUX_CONF).map_err(|e| Error::Io(conf.display().to_string(), e))?;
+        let mut c = self.command();
+        c.arg("-f").arg(&conf);
+        c.args([
+            "new-session",
+            "-d",
+            "-s",
+            SESSION,
+            "-x",
+            &size.cols.to_string(),
+            "-y",
+            &size.rows.to_string(),
+        ]);
+        c.args(argv);
+        // The shell must not inherit the agent's own configuration (the ticket key among it).
+        for (k, _) in std::env::vars_os() {
+            if k.to_string_lossy().starts_with("TETHER_") {
+                c.env_remove(k);
+            }
+        }
+        self.run(c).await?;
+        Ok(())
+    }
+
+    async fn run(&self, mut c: Command) -> Result<String> {
+        let out = tokio::time::timeout(Duration::from_secs(10), c.output())
+            .await
+            .map_err(|_| Error::Tmux("tmux command timed out".into()))?
+            .map_err(|e| Error::Io("tmux".into(), e))?;
+        if !out.status.success() {
+            return Err(Error::Tmux(
+                String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+            ));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs `tmux ARGS…` and returns its stdout.
+    pub async fn cmd(&self, args: &[&str]) -> Result<String> {
+        let mut c = self.command();
+        c.args(args);
+        self.run(c).await
+    }
+
+    pub async fn pane_state(&self) -> Result<PaneState> {
+        let out = self
+            .cmd(&[
+                "display-message",
+                "-p",
+                "-t",
+                SESSION,
+                "#{pane_dead} #{pane_dead_status} #{pane_dead_signal} #{window_activity}",
+            ])
+            .await?;
+        let f: Vec<&str> = out.split_whitespace().collect();
+        let num = |i: usize| f.get(i).and_then(|s| s.parse::<i64>().ok());
+        let exited = match f.first() {
+            Some(&"1") => Some(match (num(1), num(2)) {
+                (Some(s), _) => s as i32,
+                (None, Some(sig)) => 128 + sig as i32,
+                _ => -1,
+            }),
+            _ => None,
+        };
+        Ok(PaneState {
+            exited,
+            activity: num(f.len().saturating_sub(1)).unwrap_or(0) as u64,
+        })
+    }
+
+    /// The tty of the tmux client process `pid`, for `refresh-client -t`.
+    pub async fn client_tty(&self, pid: u32) -> Result<Option<String>> {
+        let out = self
+            .cmd(&["list-clients", "-F", "#{client_pid} #{client_tty}"])
+            .await?;
+        Ok(out.lines().find_map(|l| {
+            let (p, tty) = l.split_once(' ')?;
+            (p == pid.to_string()).then(|| tty.to_owned())
+        }))
+    }
+
+    /// Makes tmux redraw a client's whole screen.
+    pub async fn refresh_client(&self, tty: &str) -> Result<()> {
+        self.cmd(&["refresh-client", "-t", tty]).await.map(drop)
+    }
+
+    /// The visible screen of the session's pane: text with colours, cursor, alternate screen.
+    pub async fn snapshot(&self, offset: u64) -> Result<SnapshotFrame> {
+        let info = self
+            .cmd(&[
+                "display-message",
+                "-p",
+                "-t",
+                SESSION,
+                "#{pane_width} #{pane_height} #{cursor_x} #{cursor_y} #{alternate_on} #{cursor_flag}",
+            ])
+            .await?;
+        let n: Vec<u16> = info
+            .split_whitespace()
+            .filter_map(|s| s.parse().ok())
+            .collect();
+        if n.len() != 6 {
+            return Err(Error::Tmux(format!("unexpected pane info {info:?}")));
+        }
+        let text = self
+            .cmd(&["capture-pane", "-p", "-e", "-t", SESSION])
+            .await?;
+        let screen = text.trim_end_matches('\n').replace('\n', "\r\n");
+        let size = Size::new(n[0].clamp(1, 1000), n[1].clamp(1, 1000))
+            .map_err(|e| Error::Tmux(e.to_string()))?;
+        Ok(SnapshotFrame {
+            offset,
+            size,
+            cursor_x: n[2],
+            cursor_y: n[3],
+            alternate_screen: n[4] == 1,
+            cursor_visible: n[5] == 1,
+            screen: Bytes::from(screen),
+        })
+    }
+
+    /// Starts copying the pane's raw output to a fifo (for the recording).
+    pub async fn pipe_pane(&self, fifo: &Path) -> Result<()> {
+        let shell_cmd = format!("exec cat > '{}'", fifo.display());
+        self.cmd(&["pipe-pane", "-O", "-t", SESSION, &shell_cmd])
+            .await
+            .map(drop)
+    }
+
+    pub async fn kill_server(&self) {
+        let _ = self.cmd(&["kill-server"]).await;
+    }
+}

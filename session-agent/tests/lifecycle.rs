@@ -1,0 +1,120 @@
+//! How a session ends: shell exit, idle timeout, SIGTERM drain; and the binary's flags.
+
+mod common;
+
+use common::*;
+use tether_protocol::client::Event;
+use tether_protocol::{CloseCode, Mode, Size};
+use tether_session_agent::Outcome;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shell_exit_is_reported_to_clients_and_in_the_termination_message() {
+    let mut agent = TestAgent::start(&[]).await;
+    let mut t = agent.open(Mode::Attach, Size::default()).await;
+    read_until(&mut t, "$ ").await;
+    t.send_input(b"exit 7\r").await.unwrap();
+    let exit = tokio::time::timeout(STEP, async {
+        loop {
+            match t.next_event().await.unwrap() {
+                Event::Exit { code, .. } => return code,
+                Event::Output { .. } => {}
+                other => panic!("unexpected {other:?}"),
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(exit, 7);
+    assert_eq!(close_code(&mut t).await, Some(CloseCode::NORMAL));
+    assert_eq!(agent.outcome().await, Outcome::ShellExited { code: 7 });
+    let msg = agent.termination_message();
+    assert_eq!(
+        (msg["reason"].as_str(), msg["exitCode"].as_i64()),
+        (Some("ShellExited"), Some(7))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unattended_quiet_session_exits_after_the_idle_timeout() {
+    let mut agent = TestAgent::start(&["--idle-timeout-seconds=1"]).await;
+    assert_eq!(agent.outcome().await, Outcome::IdleTimeout);
+    assert_eq!(agent.termination_message()["reason"], "IdleTimeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_attached_client_keeps_the_session_from_idling_out() {
+    let mut agent = TestAgent::start(&["--idle-timeout-seconds=1"]).await;
+    let mut t = agent.open(Mode::Attach, Size::default()).await;
+    read_until(&mut t, "$ ").await;
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    t.send_input(b"echo alive\r").await.unwrap();
+    read_until(&mut t, "alive\r\n").await;
+    drop(t);
+    assert_eq!(agent.outcome().await, Outcome::IdleTimeout);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_clients_with_going_away() {
+    let mut agent = TestAgent::start(&[]).await;
+    let mut t = agent.open(Mode::Attach, Size::default()).await;
+    read_until(&mut t, "$ ").await;
+    let stop = tokio::spawn(async move {
+        let outcome = agent.stop().await;
+        (outcome, agent.termination_message())
+    });
+    assert_eq!(close_code(&mut t).await, Some(CloseCode::GOING_AWAY));
+    let (outcome, msg) = stop.await.unwrap();
+    assert_eq!(outcome, Outcome::Terminated);
+    assert_eq!(msg["reason"], "Terminated");
+}
+
+/// The binary itself: flags with env fallbacks, TETHER_COMMAND, exit code 0 on a clean end.
+#[test]
+fn the_binary_exits_cleanly_with_a_termination_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, public) = tether_protocol::ticket::generate_keypair();
+    let term = dir.path().join("termination-log");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-session-agent"))
+        .env("TETHER_LISTEN", "127.0.0.1:0")
+        .env("TETHER_SESSION", "ns/name")
+        .env("TETHER_SESSION_UID", "uid")
+        .env("TETHER_TICKET_PUBLIC_KEY", public)
+        .env("TETHER_STATE_DIR", dir.path().join("state"))
+        .env("TETHER_TERMINATION_MESSAGE_PATH", &term)
+        .env("TETHER_COMMAND", r#"["sh", "-c", "sleep 0.3; exit 3"]"#)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let msg: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&term).unwrap().trim()).unwrap();
+    assert_eq!(
+        (msg["reason"].as_str(), msg["exitCode"].as_i64()),
+        (Some("ShellExited"), Some(3))
+    );
+
+    let help = std::process::Command::new(env!("CARGO_BIN_EXE_tether-session-agent"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for flag in [
+        "--listen",
+        "--session",
+        "--session-uid",
+        "--ticket-public-key",
+        "--ticket-public-key-file",
+        "--idle-timeout-seconds",
+        "--termination-message-path",
+        "--state-dir",
+        "--cols",
+        "--rows",
+        "--recording-dir",
+        "TETHER_LISTEN",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+}

@@ -1,0 +1,110 @@
+//! Resume without loss, and the snapshot when the bytes are gone.
+
+mod common;
+
+use common::*;
+use rand::Rng;
+use tether_protocol::client::{Event, TerminalClient};
+use tether_protocol::frame::Start;
+use tether_protocol::{Mode, Size};
+
+/// Numbers a person would read in the transcript, line by line.
+fn numbers(transcript: &[u8]) -> Vec<u64> {
+    strip_ansi(&String::from_utf8_lossy(transcript))
+        .split('\n')
+        .filter_map(|l| {
+            let l = l.trim();
+            (!l.is_empty() && l.bytes().all(|b| b.is_ascii_digit())).then(|| l.parse().unwrap())
+        })
+        .collect()
+}
+
+fn screen_lines(s: &str) -> Vec<String> {
+    let mut lines: Vec<String> = s.lines().map(|l| l.trim_end().to_owned()).collect();
+    while lines.last().is_some_and(|l| l.is_empty()) {
+        lines.pop();
+    }
+    lines
+}
+
+/// Cuts the connection (no close frame, like a network failure) at random points while `seq`
+/// streams, resumes each time from the last offset held, and checks that the transcript the
+/// client pieced together is exactly the byte stream the agent produced for it (the agent's
+/// test-only tee): no gap, no duplicate, and the numbers in it strictly increasing up to the end.
+///
+/// Why not "exactly the numbers 1..=2000000": a client's stream is what `tmux attach` draws, and
+/// tmux is a screen renderer, not a pipe: lines that scroll off within one batch of pane output
+/// are never drawn, even for a client that never disconnects (the first number drawn is usually
+/// in the hundreds). The byte stream tmux does draw is what must survive the cuts intact.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_cuts_during_seq_lose_and_duplicate_nothing() {
+    const N: u64 = 2_000_000;
+    let tee = tempfile::tempdir().unwrap();
+    let tee_flag = format!("--debug-tee-dir={}", tee.path().display());
+    // A small window, so the reader pauses during the cuts too.
+    let agent =
+        TestAgent::start(&["--window-bytes=65536", "--buffer-bytes=1048576", &tee_flag]).await;
+    let size = Size::new(80, 24).unwrap();
+    let mut t = agent.open(Mode::Attach, size).await;
+    let client_id = t.welcome().client_id;
+    let mut transcript: Vec<u8> = Vec::new();
+    transcript.extend_from_slice(read_until(&mut t, "$ ").await.as_bytes());
+    t.send_input(format!("seq 1 {N}; echo END-$((40+2))\r").as_bytes())
+        .await
+        .unwrap();
+
+    let mut rng = rand::rng();
+    let mut cuts = 0;
+    let mut next_cut = t.offset() + rng.random_range(2_000..30_000u64);
+    let mut t = tokio::time::timeout(std::time::Duration::from_secs(120), async {
+        loop {
+            match t.next_event().await.unwrap() {
+                Event::Output { data, .. } => transcript.extend_from_slice(&data),
+                other => panic!("unexpected {other:?}"),
+            }
+            let tail = &transcript[transcript.len().saturating_sub(64 * 1024)..];
+            if tail.windows(6).any(|w| w == b"END-42") {
+                break;
+            }
+            if t.offset() >= next_cut && cuts < 40 {
+                cuts += 1;
+                next_cut = t.offset() + rng.random_range(2_000..30_000u64);
+                let state = t.resume_state();
+                drop(t.into_inner()); // no close frame
+                if rng.random_bool(0.5) {
+                    // Sometimes stay away long enough for the window to fill.
+                    tokio::time::sleep(std::time::Duration::from_millis(rng.random_range(1..50)))
+                        .await;
+                }
+                let ws = agent.connect(Some(&agent.ticket(Mode::Attach))).await;
+                let (resumed, welcome) = TerminalClient::resume(ws, state, size).await.unwrap();
+                assert_eq!(
+                    (welcome.start, welcome.offset),
+                    (Start::Replay, state.offset)
+                );
+                t = resumed;
+            }
+        }
+        t
+    })
+    .await
+    .expect("seq finished in time");
+
+    let sent = std::fs::read(tee.path().join(client_id.to_string())).unwrap();
+    assert!(sent.len() >= transcript.len());
+    if let Some(i) = transcript.iter().zip(&sent).position(|(a, b)| a != b) {
+        panic!("transcript differs from what the agent sent at byte {i} (after {cuts} cuts)");
+    }
+    // And the screen the client draws from it is tmux's screen.
+    let prompt = read_until(&mut t, "$ ").await;
+    transcript.extend_from_slice(prompt.as_bytes());
+    let mut screen = vt100::Parser::new(size.rows, size.cols, 0);
+    screen.process(&transcript);
+    assert_eq!(
+        screen_lines(&screen.screen().contents()),
+        screen_lines(&agent.tmux(&["capture-pane", "-p"]))
+    );
+    assert!(numbers(&transcript).contains(&N));
+    assert!(cuts >= 5, "only {cuts} cuts in {} bytes", transcript.len());
+    assert!(agent.metric("tether_agent_resumes_total").await >= cuts as f64);
+}
