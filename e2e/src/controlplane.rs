@@ -410,8 +410,10 @@ impl ControlPlane {
             "--secure-port=0".to_string(),
             // Only what the tests and `cargo dev up` rely on: owner-reference garbage
             // collection, namespace deletion, service accounts and their tokens, quota usage,
-            // and aggregated cluster roles.
-            "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,resourcequota-controller".to_string(),
+            // aggregated cluster roles, and node lifecycle (it lifts the not-ready taint new
+            // nodes are created with, once the local node reports Ready).
+            "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,resourcequota-controller,node-lifecycle-controller".to_string(),
+            "--node-monitor-period=2s".to_string(),
             format!("--service-account-private-key-file={}", d("sa.key")),
             format!("--root-ca-file={}", d("ca.crt")),
             "--concurrent-gc-syncs=5".to_string(),

@@ -14,6 +14,7 @@
 pub mod binaries;
 pub mod controlplane;
 pub mod namespace;
+pub mod node;
 pub mod pki;
 pub mod process;
 
