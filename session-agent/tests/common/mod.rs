@@ -330,3 +330,14 @@ pub async fn read_until_quiet(t: &mut Term, quiet: Duration) -> Vec<u8> {
     .await;
     seen
 }
+
+impl TestAgent {
+    pub async fn open_with_ticket(&self, ticket: &str) -> Term {
+        let ws = self.connect(Some(ticket)).await;
+        let (t, _) = tokio::time::timeout(STEP, TerminalClient::open(ws, Size::default()))
+            .await
+            .unwrap()
+            .unwrap();
+        t
+    }
+}
