@@ -1,0 +1,440 @@
+// One terminal's connection to the gateway: opens or resumes the agent's client, feeds output to
+// the screen in offset order, acknowledges what the screen has rendered, keeps the connection
+// alive, and reconnects with backoff, resuming from the last offset it holds.
+
+import {
+  CLOSE_REASONS,
+  DecodeError,
+  SUBPROTOCOL,
+  type Mode,
+  type ServerFrame,
+  type Size,
+  type Snapshot,
+  closeAction,
+  decodeServerFrame,
+  encodeAck,
+  encodeInputs,
+  encodeOpen,
+  encodePing,
+  encodeResize,
+  encodeResume,
+  hex,
+  snapshotToAnsi,
+} from './protocol';
+
+export type ConnState = 'connecting' | 'live' | 'reconnecting' | 'read-only' | 'ended';
+
+/** The screen the connection writes to (an xterm Terminal behind a thin adapter). */
+export interface Screen {
+  /** Writes bytes; `rendered` runs once the terminal has parsed and applied them. */
+  write(data: Uint8Array, rendered: () => void): void;
+  /** Clears everything before a new client starts from offset 0. */
+  reset(): void;
+  /** A line of information from the page itself (not from the shell), clearly marked. */
+  notice(text: string): void;
+  size(): Size;
+}
+
+export interface ConnectionEvents {
+  state(state: ConnState, detail: string): void;
+}
+
+export interface ConnectionOptions {
+  url: string;
+  mode: Mode;
+  screen: Screen;
+  events: ConnectionEvents;
+  /** Keep-alive PING interval. */
+  pingMs?: number;
+  /** Without any frame for this long the connection is considered dead and replaced. */
+  deadMs?: number;
+  /** Unacknowledged rendered bytes are acknowledged after this idle time. */
+  ackDelayMs?: number;
+  /**
+   * Called when a connection failed before the upgrade (the browser only sees code 1006 then):
+   * resolves to a reason to stop with (signed out, not allowed, session gone) or null to retry.
+   */
+  diagnose?: () => Promise<string | null>;
+  /**
+   * Tests only: keep the output stream as received, up to this many bytes (0 = off), so a test
+   * can check byte-exact resume independently of what the terminal keeps in its buffer.
+   */
+  captureBytes?: number;
+}
+
+const te = new TextEncoder();
+
+export class Connection {
+  readonly opts: Required<ConnectionOptions>;
+  private ws: WebSocket | null = null;
+  private clientId: Uint8Array | null = null;
+  /** Offset of the next output byte expected: everything before it was handed to the screen. */
+  private received = 0n;
+  /** Everything before this offset has been rendered by the terminal. */
+  private rendered = 0n;
+  /** Highest ACK sent on the current connection (never goes backwards, never ahead). */
+  private acked = 0n;
+  private window = 0;
+  /** Bumps when a new client starts from 0, so late render callbacks of the old one are ignored. */
+  private epoch = 0;
+  private welcomed = false;
+  private sawExit: { code: number; reason: string } | null = null;
+  private attempt = 0;
+  private retryTimer: number | undefined;
+  private pingTimer: number | undefined;
+  private ackTimer: number | undefined;
+  private liveSince = 0;
+  private lastFrameAt = 0;
+  private stopped = false;
+  private serverMode: Mode | null = null;
+  private lastSize: Size | null = null;
+  private captured: Uint8Array[] = [];
+  private capturedLen = 0;
+  state: ConnState = 'connecting';
+  detail = '';
+  /** Counters for the test hook and the status line. */
+  stats = { connects: 0, resumes: 0, snapshots: 0, reopens: 0, bytes: 0n, rttMs: NaN };
+
+  constructor(opts: ConnectionOptions) {
+    this.opts = { pingMs: 15_000, deadMs: 45_000, ackDelayMs: 50, diagnose: async () => null, captureBytes: 0, ...opts };
+  }
+
+  get offset(): bigint {
+    return this.received;
+  }
+  get renderedOffset(): bigint {
+    return this.rendered;
+  }
+  get client(): string | null {
+    return this.clientId ? hex(this.clientId) : null;
+  }
+
+  start(): void {
+    this.connect();
+  }
+
+  /** Leaves the session: closes without ending it (the agent keeps the client for its grace). */
+  stop(): void {
+    this.stopped = true;
+    window.clearTimeout(this.retryTimer);
+    this.clearTimers();
+    if (this.ws) {
+      this.ws.onclose = null;
+      this.ws.close(1000, 'page closed');
+      this.ws = null;
+    }
+  }
+
+  /** Keystrokes and pastes (xterm's onData: UTF-8 text). */
+  input(text: string): void {
+    this.sendInput(te.encode(text));
+  }
+
+  /** xterm's onBinary: a string whose code units are bytes. */
+  inputBinary(s: string): void {
+    const b = new Uint8Array(s.length);
+    for (let i = 0; i < s.length; i++) b[i] = s.charCodeAt(i) & 0xff;
+    this.sendInput(b);
+  }
+
+  resize(size: Size): void {
+    this.lastSize = size;
+    if (!this.canWrite()) return;
+    this.send(encodeResize(size));
+  }
+
+  /** Input and resize only from an interactive client that is live. */
+  canWrite(): boolean {
+    return this.welcomed && this.opts.mode === 'attach' && this.serverMode === 'attach' && this.ws?.readyState === WebSocket.OPEN;
+  }
+
+  private sendInput(data: Uint8Array): void {
+    if (!this.canWrite()) return;
+    for (const f of encodeInputs(data)) this.send(f);
+  }
+
+  private send(frame: Uint8Array): void {
+    if (this.ws && this.ws.readyState === WebSocket.OPEN) this.ws.send(frame);
+  }
+
+  private setState(s: ConnState, detail = ''): void {
+    this.state = s;
+    this.detail = detail;
+    this.opts.events.state(s, detail);
+  }
+
+  private connect(): void {
+    if (this.stopped) return;
+    if (this.stats.connects === 0) this.setState('connecting');
+    this.welcomed = false;
+    this.serverMode = null;
+    this.stats.connects++;
+    let ws: WebSocket;
+    try {
+      ws = new WebSocket(this.opts.url, [SUBPROTOCOL]);
+    } catch (e) {
+      this.setState('ended', `cannot connect: ${(e as Error).message}`);
+      return;
+    }
+    ws.binaryType = 'arraybuffer';
+    this.ws = ws;
+    let opened = false;
+    ws.onopen = () => {
+      opened = true;
+      if (ws.protocol !== SUBPROTOCOL) {
+        // A server that did not agree on the subprotocol speaks something else.
+        ws.close(1002, 'subprotocol not agreed');
+        return;
+      }
+      this.lastFrameAt = Date.now();
+      const size = this.lastSize ?? this.opts.screen.size();
+      if (this.clientId) {
+        this.send(encodeResume(this.clientId, this.received, size));
+      } else {
+        this.send(encodeOpen(size));
+      }
+      this.pingTimer = window.setInterval(() => this.keepAlive(), Math.min(this.opts.pingMs, this.opts.deadMs / 3));
+    };
+    ws.onmessage = (ev: MessageEvent) => {
+      if (ws !== this.ws) return;
+      this.lastFrameAt = Date.now();
+      if (typeof ev.data === 'string') {
+        this.fail(ws, 'text message from server');
+        return;
+      }
+      let f: ServerFrame;
+      try {
+        f = decodeServerFrame(ev.data as ArrayBuffer);
+      } catch (e) {
+        this.fail(ws, e instanceof DecodeError ? e.message : String(e));
+        return;
+      }
+      this.onFrame(ws, f);
+    };
+    ws.onclose = (ev: CloseEvent) => {
+      if (ws !== this.ws) return;
+      this.ws = null;
+      this.clearTimers();
+      if (!opened && ev.code === 1006) {
+        void this.opts.diagnose().then(
+          (why) => (why ? this.end(why) : this.onClose(ev.code, ev.reason, ev.wasClean)),
+          () => this.onClose(ev.code, ev.reason, ev.wasClean),
+        );
+        return;
+      }
+      this.onClose(ev.code, ev.reason, ev.wasClean);
+    };
+  }
+
+  /** The server broke the protocol: close and start over from what we hold. */
+  private fail(ws: WebSocket, why: string): void {
+    console.error('tether: protocol error:', why);
+    ws.close(4400, 'malformed frame');
+    // onclose follows and reconnects.
+  }
+
+  private onFrame(ws: WebSocket, f: ServerFrame): void {
+    if (!this.welcomed) {
+      if (f.type !== 'welcome') {
+        this.fail(ws, `expected WELCOME, got ${f.type}`);
+        return;
+      }
+      this.onWelcome(ws, f);
+      return;
+    }
+    switch (f.type) {
+      case 'welcome':
+        this.fail(ws, 'second WELCOME');
+        return;
+      case 'output': {
+        if (f.offset !== this.received) {
+          this.fail(ws, `output at offset ${f.offset}, expected ${this.received}`);
+          return;
+        }
+        const end = f.offset + BigInt(f.data.length);
+        this.received = end;
+        this.stats.bytes += BigInt(f.data.length);
+        if (this.capturedLen + f.data.length <= this.opts.captureBytes) {
+          this.captured.push(f.data.slice());
+          this.capturedLen += f.data.length;
+        }
+        // Copy: the frame's buffer is a view into the message, the terminal may queue the write.
+        const epoch = this.epoch;
+        this.opts.screen.write(f.data.slice(), () => this.onRendered(epoch, end));
+        return;
+      }
+      case 'snapshot':
+        this.applySnapshot(f);
+        return;
+      case 'exit':
+        this.sawExit = { code: f.code, reason: f.reason };
+        return;
+      case 'pong': {
+        const sent = Number(f.nonce);
+        if (sent > 0) this.stats.rttMs = Date.now() - sent;
+        return;
+      }
+    }
+  }
+
+  private onWelcome(ws: WebSocket, w: Extract<ServerFrame, { type: 'welcome' }>): void {
+    const resumedFrom = this.clientId ? this.received : null;
+    if (resumedFrom !== null && hex(w.clientId) !== hex(this.clientId!)) {
+      this.fail(ws, 'WELCOME names another client');
+      return;
+    }
+    if (w.start === 'replay' && w.offset !== resumedFrom) {
+      this.fail(ws, `replay from ${w.offset}, asked for ${resumedFrom}`);
+      return;
+    }
+    if (w.start === 'new') {
+      if (resumedFrom !== null || this.received !== 0n) {
+        // A new client starts at its own offset 0: the old screen is gone.
+        this.opts.screen.reset();
+      }
+      this.epoch++;
+      this.rendered = w.offset;
+    }
+    this.welcomed = true;
+    this.clientId = w.clientId;
+    this.window = w.window;
+    this.serverMode = w.mode;
+    this.received = w.offset;
+    // The agent counts acknowledgements from the offset this connection starts at.
+    this.acked = w.offset;
+    this.liveSince = Date.now();
+    if (resumedFrom !== null) this.stats.resumes++;
+    const readOnly = w.mode === 'observe' || this.opts.mode === 'observe';
+    this.setState(readOnly ? 'read-only' : 'live', readOnly ? 'observing: input is disabled' : '');
+    // Tell a resumed interactive client our current size (it may have changed while away).
+    if (!readOnly && this.lastSize && resumedFrom !== null) this.send(encodeResize(this.lastSize));
+    // Anything rendered but not acknowledged before the break.
+    this.scheduleAck();
+  }
+
+  private applySnapshot(s: Snapshot): void {
+    this.stats.snapshots++;
+    this.opts.screen.notice(
+      `output between offsets ${this.received} and ${s.offset} is no longer held by the server; ` +
+        `the screen below is a snapshot (${s.size.cols}x${s.size.rows}) and scrollback before it is incomplete`,
+    );
+    this.received = s.offset;
+    if (this.acked < s.offset) this.acked = s.offset;
+    const epoch = this.epoch;
+    const off = s.offset;
+    this.opts.screen.write(snapshotToAnsi(s), () => this.onRendered(epoch, off));
+  }
+
+  private onRendered(epoch: number, end: bigint): void {
+    if (epoch !== this.epoch) return;
+    if (end > this.rendered) this.rendered = end;
+    const unacked = this.rendered - this.acked;
+    if (unacked <= 0n) return;
+    // Ack eagerly once a quarter of the window is waiting, otherwise shortly after output stops.
+    if (this.window > 0 && unacked >= BigInt(Math.max(1, Math.floor(this.window / 4)))) {
+      this.flushAck();
+    } else {
+      this.scheduleAck();
+    }
+  }
+
+  private scheduleAck(): void {
+    if (this.ackTimer !== undefined) return;
+    this.ackTimer = window.setTimeout(() => {
+      this.ackTimer = undefined;
+      this.flushAck();
+    }, this.opts.ackDelayMs);
+  }
+
+  private flushAck(): void {
+    window.clearTimeout(this.ackTimer);
+    this.ackTimer = undefined;
+    if (!this.welcomed || !this.ws || this.ws.readyState !== WebSocket.OPEN) return;
+    // Never ahead of what this connection was sent, never backwards.
+    const target = this.rendered < this.received ? this.rendered : this.received;
+    if (target > this.acked) {
+      this.acked = target;
+      this.send(encodeAck(target));
+    }
+  }
+
+  private keepAlive(): void {
+    const ws = this.ws;
+    if (!ws) return;
+    if (Date.now() - this.lastFrameAt > this.opts.deadMs) {
+      // Silent for too long: the path is dead even if the socket does not know yet.
+      this.ws = null;
+      ws.onclose = null;
+      ws.close();
+      this.clearTimers();
+      this.onClose(4002, 'keep-alive timeout', false);
+      return;
+    }
+    if (this.welcomed) this.send(encodePing(BigInt(Date.now())));
+  }
+
+  private clearTimers(): void {
+    window.clearInterval(this.pingTimer);
+    this.pingTimer = undefined;
+    window.clearTimeout(this.ackTimer);
+    this.ackTimer = undefined;
+  }
+
+  private end(why: string): void {
+    if (this.stopped) return;
+    this.setState('ended', why);
+  }
+
+  private onClose(code: number, reason: string, _clean: boolean): void {
+    if (this.stopped) return;
+    const words = reason || CLOSE_REASONS[code] || `closed with code ${code}`;
+    if (this.sawExit) {
+      const e = this.sawExit;
+      const status = e.code === 0 ? 'exited normally' : `exited with status ${e.code}`;
+      this.setState('ended', `${e.reason || 'the shell'} ${status}`.trim());
+      return;
+    }
+    const action = closeAction(code, false);
+    if (action === 'end') {
+      this.setState('ended', `${words} (${code})`);
+      return;
+    }
+    if (action === 'reopen') {
+      this.stats.reopens++;
+      this.opts.screen.notice('the server no longer holds this terminal client; opening a new one (the screen is redrawn)');
+      this.clientId = null;
+      this.received = 0n;
+      this.rendered = 0n;
+      this.acked = 0n;
+      this.epoch++;
+    }
+    // A connection that stayed live for a while resets the backoff.
+    if (this.liveSince && Date.now() - this.liveSince > 10_000) this.attempt = 0;
+    this.liveSince = 0;
+    const delay = action === 'reopen' ? 0 : backoff(this.attempt++);
+    this.setState('reconnecting', `${words}; retrying in ${(delay / 1000).toFixed(1)} s`);
+    this.retryTimer = window.setTimeout(() => this.connect(), delay);
+  }
+
+  /** The captured output stream (see `captureBytes`), decoded as UTF-8. */
+  capturedText(): string {
+    const all = new Uint8Array(this.capturedLen);
+    let o = 0;
+    for (const c of this.captured) {
+      all.set(c, o);
+      o += c.length;
+    }
+    return new TextDecoder().decode(all);
+  }
+
+  /** Why the last connection attempt failed before the upgrade (the browser cannot tell). */
+  wasEverWelcomed(): boolean {
+    return this.clientId !== null;
+  }
+}
+
+/** 250 ms doubling to 10 s, with ±25 % jitter so restarted gateways are not stampeded. */
+export function backoff(attempt: number): number {
+  const base = Math.min(10_000, 250 * 2 ** Math.min(attempt, 6));
+  return Math.round(base * (0.75 + Math.random() * 0.5));
+}

@@ -1,0 +1,313 @@
+// The tether.v1 wire protocol, byte for byte as protocol/src/frame.rs and docs/protocol.md define
+// it. Every WebSocket binary message is one frame: a type byte, a fixed big-endian header and,
+// for some types, a payload to the end of the message. Client frames are 0x01..=0x7f, agent
+// frames 0x81..=0xff. The decoder is strict: anything malformed is an error, never a guess.
+
+export const SUBPROTOCOL = 'tether.v1';
+
+/** Largest frame a client may send (type byte included). */
+export const MAX_CLIENT_FRAME = 64 * 1024;
+/** Largest INPUT payload. */
+export const MAX_INPUT = MAX_CLIENT_FRAME - 1;
+export const MAX_OUTPUT_CHUNK = 64 * 1024;
+export const MAX_SNAPSHOT = 8 * 1024 * 1024;
+export const MAX_EXIT_REASON = 1024;
+export const MAX_DIMENSION = 1000;
+
+export const C = { OPEN: 0x01, RESUME: 0x02, INPUT: 0x03, RESIZE: 0x04, ACK: 0x05, PING: 0x06 } as const;
+export const S = { WELCOME: 0x81, OUTPUT: 0x82, SNAPSHOT: 0x83, EXIT: 0x84, PONG: 0x85 } as const;
+
+export const SNAPSHOT_FLAG_ALTERNATE = 0x01;
+export const SNAPSHOT_FLAG_CURSOR_VISIBLE = 0x02;
+
+export type Mode = 'attach' | 'observe';
+/** How a connection's output starts (WELCOME `start`). */
+export type Start = 'new' | 'replay' | 'snapshot';
+
+export interface Size {
+  cols: number;
+  rows: number;
+}
+
+export interface Welcome {
+  type: 'welcome';
+  clientId: Uint8Array; // 16 bytes
+  mode: Mode;
+  window: number;
+  offset: bigint;
+  start: Start;
+}
+export interface Output {
+  type: 'output';
+  offset: bigint;
+  data: Uint8Array;
+}
+export interface Snapshot {
+  type: 'snapshot';
+  offset: bigint;
+  size: Size;
+  cursorX: number;
+  cursorY: number;
+  alternateScreen: boolean;
+  cursorVisible: boolean;
+  screen: Uint8Array;
+}
+export interface Exit {
+  type: 'exit';
+  code: number;
+  reason: string;
+}
+export interface Pong {
+  type: 'pong';
+  nonce: bigint;
+}
+export type ServerFrame = Welcome | Output | Snapshot | Exit | Pong;
+
+export class DecodeError extends Error {}
+
+/** Clamps a size into 1..=MAX_DIMENSION (the agent closes with 4416 otherwise). */
+export function clampSize(s: Size): Size {
+  const c = (n: number) => Math.min(MAX_DIMENSION, Math.max(1, Math.floor(n) || 1));
+  return { cols: c(s.cols), rows: c(s.rows) };
+}
+
+function frame(type: number, len: number): [Uint8Array, DataView] {
+  const b = new Uint8Array(1 + len);
+  b[0] = type;
+  return [b, new DataView(b.buffer)];
+}
+
+/** `OPEN cols:u16 rows:u16` */
+export function encodeOpen(size: Size): Uint8Array {
+  const s = clampSize(size);
+  const [b, v] = frame(C.OPEN, 4);
+  v.setUint16(1, s.cols);
+  v.setUint16(3, s.rows);
+  return b;
+}
+
+/** `RESUME client_id:[16] offset:u64 cols:u16 rows:u16` */
+export function encodeResume(clientId: Uint8Array, offset: bigint, size: Size): Uint8Array {
+  if (clientId.length !== 16) throw new Error('client id must be 16 bytes');
+  const s = clampSize(size);
+  const [b, v] = frame(C.RESUME, 16 + 8 + 4);
+  b.set(clientId, 1);
+  v.setBigUint64(17, offset);
+  v.setUint16(25, s.cols);
+  v.setUint16(27, s.rows);
+  return b;
+}
+
+/** `INPUT bytes…`, split so that no frame exceeds MAX_CLIENT_FRAME. Empty input sends nothing. */
+export function encodeInputs(data: Uint8Array): Uint8Array[] {
+  const out: Uint8Array[] = [];
+  for (let i = 0; i < data.length; i += MAX_INPUT) {
+    const chunk = data.subarray(i, Math.min(data.length, i + MAX_INPUT));
+    const [b] = frame(C.INPUT, chunk.length);
+    b.set(chunk, 1);
+    out.push(b);
+  }
+  return out;
+}
+
+/** `RESIZE cols:u16 rows:u16` */
+export function encodeResize(size: Size): Uint8Array {
+  const s = clampSize(size);
+  const [b, v] = frame(C.RESIZE, 4);
+  v.setUint16(1, s.cols);
+  v.setUint16(3, s.rows);
+  return b;
+}
+
+/** `ACK offset:u64`: every output byte before `offset` has been consumed (rendered). */
+export function encodeAck(offset: bigint): Uint8Array {
+  const [b, v] = frame(C.ACK, 8);
+  v.setBigUint64(1, offset);
+  return b;
+}
+
+/** `PING nonce:u64` */
+export function encodePing(nonce: bigint): Uint8Array {
+  const [b, v] = frame(C.PING, 8);
+  v.setBigUint64(1, nonce);
+  return b;
+}
+
+function need(b: Uint8Array, exact: number | null, atLeast: number): void {
+  if (exact !== null && b.length !== exact) {
+    throw new DecodeError(`frame type 0x${b[0].toString(16)} needs ${exact} bytes, got ${b.length}`);
+  }
+  if (b.length < atLeast) {
+    throw new DecodeError(`frame type 0x${b[0].toString(16)} needs ${atLeast} bytes, got ${b.length}`);
+  }
+}
+
+function checkedSize(cols: number, rows: number): Size {
+  if (cols < 1 || rows < 1 || cols > MAX_DIMENSION || rows > MAX_DIMENSION) {
+    throw new DecodeError(`terminal size ${cols}x${rows} out of range 1..=${MAX_DIMENSION}`);
+  }
+  return { cols, rows };
+}
+
+const utf8Strict = new TextDecoder('utf-8', { fatal: true });
+
+/** Decodes one agent frame. */
+export function decodeServerFrame(buf: ArrayBuffer | Uint8Array): ServerFrame {
+  const b = buf instanceof Uint8Array ? buf : new Uint8Array(buf);
+  if (b.length === 0) throw new DecodeError('empty frame');
+  const v = new DataView(b.buffer, b.byteOffset, b.byteLength);
+  switch (b[0]) {
+    case S.WELCOME: {
+      need(b, 31, 31);
+      const m = b[17];
+      if (m > 1) throw new DecodeError(`unknown mode ${m}`);
+      const st = b[30];
+      if (st > 2) throw new DecodeError(`unknown start kind ${st}`);
+      return {
+        type: 'welcome',
+        clientId: b.slice(1, 17),
+        mode: m === 0 ? 'attach' : 'observe',
+        window: v.getUint32(18),
+        offset: v.getBigUint64(22),
+        start: (['new', 'replay', 'snapshot'] as const)[st],
+      };
+    }
+    case S.OUTPUT: {
+      need(b, null, 9);
+      if (b.length === 9) throw new DecodeError('OUTPUT must carry a payload');
+      if (b.length - 9 > MAX_OUTPUT_CHUNK) throw new DecodeError(`OUTPUT of ${b.length} bytes too large`);
+      return { type: 'output', offset: v.getBigUint64(1), data: b.subarray(9) };
+    }
+    case S.SNAPSHOT: {
+      need(b, null, 18);
+      if (b.length - 18 > MAX_SNAPSHOT) throw new DecodeError(`SNAPSHOT of ${b.length} bytes too large`);
+      const flags = b[17];
+      if (flags & ~(SNAPSHOT_FLAG_ALTERNATE | SNAPSHOT_FLAG_CURSOR_VISIBLE)) {
+        throw new DecodeError(`unknown snapshot flags 0x${flags.toString(16)}`);
+      }
+      return {
+        type: 'snapshot',
+        offset: v.getBigUint64(1),
+        size: checkedSize(v.getUint16(9), v.getUint16(11)),
+        cursorX: v.getUint16(13),
+        cursorY: v.getUint16(15),
+        alternateScreen: (flags & SNAPSHOT_FLAG_ALTERNATE) !== 0,
+        cursorVisible: (flags & SNAPSHOT_FLAG_CURSOR_VISIBLE) !== 0,
+        screen: b.subarray(18),
+      };
+    }
+    case S.EXIT: {
+      need(b, null, 5);
+      if (b.length - 5 > MAX_EXIT_REASON) throw new DecodeError(`EXIT of ${b.length} bytes too large`);
+      let reason: string;
+      try {
+        reason = utf8Strict.decode(b.subarray(5));
+      } catch {
+        throw new DecodeError('exit reason is not UTF-8');
+      }
+      return { type: 'exit', code: v.getInt32(1), reason };
+    }
+    case S.PONG:
+      need(b, 9, 9);
+      return { type: 'pong', nonce: v.getBigUint64(1) };
+    default:
+      throw new DecodeError(`unknown frame type 0x${b[0].toString(16).padStart(2, '0')}`);
+  }
+}
+
+const enc = new TextEncoder();
+
+/**
+ * Bytes that, written to a terminal emulator, reproduce a snapshot — the same sequence as
+ * `SnapshotFrame::to_ansi` in protocol/src/frame.rs: reset, alternate screen if needed, each
+ * row at its place, then the cursor and its visibility.
+ */
+export function snapshotToAnsi(s: Snapshot): Uint8Array {
+  const parts: Uint8Array[] = [enc.encode('\x1bc')];
+  if (s.alternateScreen) parts.push(enc.encode('\x1b[?1049h'));
+  parts.push(enc.encode('\x1b[H\x1b[2J'));
+  let row = 0;
+  let start = 0;
+  const screen = s.screen;
+  for (let i = 0; i <= screen.length; i++) {
+    if (i === screen.length || screen[i] === 0x0a) {
+      if (row >= s.size.rows) break;
+      let end = i;
+      if (end > start && screen[end - 1] === 0x0d) end--;
+      parts.push(enc.encode(`\x1b[${row + 1};1H`));
+      parts.push(screen.subarray(start, end));
+      parts.push(enc.encode('\x1b[0m'));
+      row++;
+      start = i + 1;
+    }
+  }
+  parts.push(enc.encode(`\x1b[${s.cursorY + 1};${s.cursorX + 1}H`));
+  parts.push(enc.encode(s.cursorVisible ? '\x1b[?25h' : '\x1b[?25l'));
+  const total = parts.reduce((n, p) => n + p.length, 0);
+  const out = new Uint8Array(total);
+  let o = 0;
+  for (const p of parts) {
+    out.set(p, o);
+    o += p.length;
+  }
+  return out;
+}
+
+/** What the close codes of the protocol (protocol/src/close.rs) mean, in words a user reads. */
+export const CLOSE_REASONS: Record<number, string> = {
+  1000: 'session ended',
+  1001: 'server shutting down',
+  1006: 'connection lost',
+  1008: 'refused by policy',
+  1009: 'message too large',
+  1011: 'server error',
+  1012: 'server restarting',
+  1013: 'server busy, try again later',
+  4000: 'opened in another tab or window',
+  4002: 'keep-alive timeout',
+  4400: 'malformed frame',
+  4401: 'attach ticket required',
+  4403: 'attach ticket invalid',
+  4404: 'the terminal client expired; opened a new one',
+  4408: 'no OPEN or RESUME in time',
+  4409: 'attach ticket already used',
+  4410: 'attach ticket expired',
+  4412: 'attach ticket is for another session',
+  4413: 'frame too large',
+  4416: 'terminal size out of range',
+  4417: 'offset out of range',
+  4423: 'read-only observer may not send input or resize',
+  4429: 'too many clients',
+  4500: 'internal error',
+};
+
+/**
+ * What a client does after a close with this code: `reconnect` (resume where it left off),
+ * `reopen` (the agent forgot this client: OPEN a new one), or `end` (show the reason, stop).
+ */
+export function closeAction(code: number, sawExit: boolean): 'reconnect' | 'reopen' | 'end' {
+  if (sawExit) return 'end';
+  switch (code) {
+    case 1001: // agent or gateway draining: reconnect elsewhere
+    case 1005: // no status
+    case 1006: // network cut, gateway restart
+    case 1011:
+    case 1012:
+    case 1013:
+    case 4002: // keep-alive timeout
+    case 4408: // handshake timeout
+    case 4409: // a fresh ticket is minted for every connection
+    case 4410:
+    case 4429: // too many clients: retry with backoff
+    case 4500:
+      return 'reconnect';
+    case 4404:
+      return 'reopen';
+    default:
+      return 'end';
+  }
+}
+
+export function hex(id: Uint8Array): string {
+  return Array.from(id, (b) => b.toString(16).padStart(2, '0')).join('');
+}

@@ -1,0 +1,255 @@
+// Drives the gateway's page in headless Chromium (Debian's `chromium`, through playwright-core):
+// signs in with a token, opens a session, waits for the prompt, types a command with a unique
+// marker and sees its output in the terminal buffer (through `window.__tether.transcript()`,
+// no OCR). Optionally:
+//
+//   TETHER_OBSERVE=1        a second page observes the same session: read-only badge, sees the
+//                           marker too, and its keystrokes never reach the shell.
+//   TETHER_RESUME_LINES=N   prints line-1 … line-N slowly; once the stream is under way it asks
+//                           for the gateway to be restarted (runs TETHER_RESTART_CMD, or prints
+//                           `TETHER-BROWSER restart-gateway` on stdout and waits for a line on
+//                           stdin when TETHER_RESTART_VIA_STDIO=1), then checks that every line
+//                           arrived exactly once, in order, after the page resumed.
+//
+// Environment: TETHER_URL (gateway base URL), TETHER_TOKEN (login token), TETHER_SESSION
+// (namespace/name), CHROMIUM (default /usr/bin/chromium), TETHER_TIMEOUT_MS (per step, 30000),
+// TETHER_SCREENSHOT_DIR (screenshots, transcripts and streams on failure, screenshots on
+// success), TETHER_RENDERER=dom (skip WebGL).
+// Exit status 0 when everything passed; the last line on stdout is `TETHER-BROWSER ok` then.
+
+import { chromium } from 'playwright-core';
+import { mkdtempSync, rmSync, mkdirSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { execSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { createInterface } from 'node:readline';
+
+const env = process.env;
+const BASE = (env.TETHER_URL ?? '').replace(/\/$/, '');
+const TOKEN = env.TETHER_TOKEN ?? '';
+const SESSION = env.TETHER_SESSION ?? '';
+const STEP = Number(env.TETHER_TIMEOUT_MS ?? 30_000);
+const RESUME_LINES = Number(env.TETHER_RESUME_LINES ?? 0);
+const OBSERVE = env.TETHER_OBSERVE === '1';
+if (!BASE || !TOKEN || !SESSION.includes('/')) {
+  console.error('set TETHER_URL, TETHER_TOKEN and TETHER_SESSION=namespace/name');
+  process.exit(2);
+}
+const [NS, NAME] = SESSION.split('/');
+
+const log = (...m) => console.log('TETHER-BROWSER', ...m);
+const t0 = Date.now();
+const since = () => `${((Date.now() - t0) / 1000).toFixed(1)}s`;
+
+const stdinLines = createInterface({ input: process.stdin });
+const nextStdinLine = () => new Promise((resolve) => stdinLines.once('line', resolve));
+
+const profile = mkdtempSync(join(tmpdir(), 'tether-chromium-'));
+const context = await chromium.launchPersistentContext(profile, {
+  executablePath: env.CHROMIUM || '/usr/bin/chromium',
+  headless: true,
+  args: [
+    '--headless',
+    '--no-sandbox',
+    '--disable-gpu',
+    '--disable-quic',
+    '--no-first-run',
+    '--disable-background-networking',
+    '--disable-component-update',
+    '--disable-sync',
+    '--disable-dev-shm-usage',
+  ],
+  viewport: { width: 1100, height: 700 },
+});
+const pages = [];
+let failed = false;
+
+async function newPage(label) {
+  const page = await context.newPage();
+  page.setDefaultTimeout(STEP);
+  // Ask the page to keep the raw output stream, for the byte-exact resume check.
+  await page.addInitScript(() => {
+    window.__tetherCapture = true;
+  });
+  page.on('console', (m) => {
+    if (m.type() === 'error' || m.type() === 'warning') log(`[${label} console.${m.type()}]`, m.text());
+  });
+  page.on('pageerror', (e) => log(`[${label} pageerror]`, e.message));
+  pages.push([label, page]);
+  return page;
+}
+
+const hook = (page, expr) => page.evaluate(expr);
+const transcript = (page) => hook(page, () => window.__tether.transcript());
+
+async function waitFor(page, what, fn, arg) {
+  try {
+    await page.waitForFunction(fn, arg, { timeout: STEP, polling: 100 });
+  } catch (e) {
+    const state = await page.evaluate(() => ({ view: window.__tether?.view, state: window.__tether?.state, detail: window.__tether?.detail, stats: window.__tether?.stats?.() })).catch(() => null);
+    const text = await transcript(page).catch(() => '');
+    throw new Error(`timed out waiting for ${what}: ${JSON.stringify(state)}\n--- transcript tail ---\n${text.split('\n').slice(-15).join('\n')}`);
+  }
+}
+
+async function signIn(page) {
+  await page.goto(`${BASE}/`);
+  await waitFor(page, 'the sign-in form or the session list', () => ['login', 'sessions'].includes(window.__tether?.view));
+  if ((await hook(page, () => window.__tether.view)) === 'login') {
+    await page.fill('#token', TOKEN);
+    await page.click('#login-submit');
+    await waitFor(page, 'the session list after sign-in', () => window.__tether.view === 'sessions');
+  }
+  const row = page.locator(`tr[data-session="${NS}/${NAME}"]`);
+  await row.waitFor();
+  const phase = await row.locator('.phase').textContent();
+  log(`${since()} signed in; ${SESSION} is ${phase}`);
+  return row;
+}
+
+async function openTerminal(page, row, mode) {
+  const link = row.locator(`a[data-action="${mode === 'observe' ? 'observe' : 'open'}"]`);
+  if (env.TETHER_RENDERER) {
+    // e.g. TETHER_RENDERER=dom: the same route with WebGL skipped, to check the fallback renderer.
+    const href = await link.getAttribute('href');
+    await page.evaluate((h) => (location.hash = h), `${href}&renderer=${env.TETHER_RENDERER}`);
+  } else {
+    await link.click();
+  }
+  const want = mode === 'observe' ? 'read-only' : 'live';
+  await waitFor(page, `state ${want}`, (w) => window.__tether.view === 'terminal' && window.__tether.state === w, want);
+  const renderer = await hook(page, () => window.__tether.renderer);
+  log(`${since()} ${mode}: ${want} (renderer ${renderer})`);
+}
+
+async function typeLine(page, text) {
+  await page.click('#terminal');
+  await page.keyboard.type(text, { delay: 5 });
+  await page.keyboard.press('Enter');
+}
+
+/** Problems with `got` as the run first..=last, each number exactly once and in order. */
+function sequenceProblems(what, got, last, first = 1) {
+  const problems = [];
+  const count = new Map();
+  for (const n of got) count.set(n, (count.get(n) ?? 0) + 1);
+  for (let i = first; i <= last; i++) {
+    if (!count.has(i)) problems.push(`${what}: line-${i} missing`);
+    else if (count.get(i) > 1) problems.push(`${what}: line-${i} appears ${count.get(i)} times`);
+  }
+  for (let i = 1; i < got.length; i++) if (got[i] !== got[i - 1] + 1) problems.push(`${what}: line-${got[i]} follows line-${got[i - 1]}`);
+  return problems.slice(0, 10);
+}
+
+try {
+  // --- sign in, open, echo a unique marker ---------------------------------------------------
+  const page = await newPage('attach');
+  const row = await signIn(page);
+  await openTerminal(page, row, 'attach');
+  await waitFor(page, 'a shell prompt', () => /[$#>] ?$/m.test(window.__tether.transcript()));
+  log(`${since()} prompt seen`);
+
+  let observer = null;
+  if (OBSERVE) {
+    observer = await newPage('observe');
+    const orow = await signIn(observer);
+    await openTerminal(observer, orow, 'observe');
+    const ro = await observer.evaluate(() => document.querySelector('.xterm-helper-textarea')?.hasAttribute('disabled') ?? null);
+    log(`${since()} observer input disabled: ${ro}`);
+  }
+
+  const marker = `tether-${randomBytes(4).toString('hex')}`;
+  // The shell prints `marker-42`; the echoed command line shows `$((6*7))`, so seeing the
+  // printed form proves the shell ran it.
+  await typeLine(page, `echo ${marker}-$((6*7))`);
+  await waitFor(page, `the output ${marker}-42`, (m) => window.__tether.transcript().split('\n').some((l) => l.trim() === m), `${marker}-42`);
+  log(`${since()} attach page shows ${marker}-42`);
+
+  if (observer) {
+    await waitFor(observer, `the observer to see ${marker}-42`, (m) => window.__tether.transcript().includes(m), `${marker}-42`);
+    // Keystrokes in the observer go nowhere: the page sends no INPUT and the server would refuse it.
+    await observer.click('#terminal');
+    await observer.keyboard.type('echo observer-typed-this', { delay: 5 });
+    await observer.keyboard.press('Enter');
+    await typeLine(page, `echo after-observer-${marker}`);
+    await waitFor(page, 'the after-observer line', (m) => window.__tether.transcript().split('\n').some((l) => l.trim() === m), `after-observer-${marker}`);
+    const leaked = (await transcript(page)).includes('observer-typed-this');
+    const state = await hook(observer, () => window.__tether.state);
+    if (leaked) throw new Error('observer keystrokes reached the shell');
+    if (state !== 'read-only') throw new Error(`observer state is ${state}, not read-only`);
+    log(`${since()} observer saw the output, its keystrokes did not reach the shell`);
+  }
+
+  // --- resume across a gateway restart --------------------------------------------------------
+  if (RESUME_LINES > 0) {
+    const N = RESUME_LINES;
+    const done = `resume-done-${marker}`;
+    const before = await hook(page, () => window.__tether.stats());
+    // Only output after this point counts (tmux redraws older screens when a client opens).
+    const streamStart = (await hook(page, () => window.__tether.stream())).length;
+    await typeLine(page, `clear; for i in $(seq 1 ${N}); do echo line-$i; sleep ${env.TETHER_RESUME_DELAY ?? '0.01'}; done; echo ${done}`);
+    const early = Math.max(1, Math.min(20, Math.floor(N / 10)));
+    await waitFor(page, `line-${early}`, (m) => window.__tether.transcript().split('\n').some((l) => l.trim() === m), `line-${early}`);
+    log(`${since()} stream under way (line-${early} seen), restarting the gateway`);
+    if (env.TETHER_RESTART_CMD) {
+      execSync(env.TETHER_RESTART_CMD, { stdio: 'inherit', shell: '/bin/bash' });
+    } else {
+      log('restart-gateway');
+      if (env.TETHER_RESTART_VIA_STDIO === '1') {
+        await nextStdinLine();
+      }
+    }
+    await waitFor(page, 'a reconnect', (n) => window.__tether.stats().connects > n, before.connects);
+    log(`${since()} page reconnecting: ${await hook(page, () => window.__tether.detail)}`);
+    await waitFor(page, `${done}`, (m) => window.__tether.transcript().split('\n').some((l) => l.trim() === m), done);
+    const after = await hook(page, () => window.__tether.stats());
+    const problems = [];
+    // 1. The byte stream the page received, escape sequences removed: line-1 … line-N, each
+    //    exactly once and in order (a lost or repeated chunk across the reconnect shows here).
+    const stream = (await hook(page, () => window.__tether.stream()))
+      .slice(streamStart)
+      .replace(/\x1b\][^\x07\x1b]*(\x07|\x1b\\)/g, '')
+      .replace(/\x1b\[[0-?]*[ -/]*[@-~]/g, '')
+      .replace(/\x1b[()][0-9A-Za-z]|\x1b[=>78cDEHMNOZ]/g, '');
+    const streamed = [...stream.matchAll(/(?<![\w$-])line-(\d+)(?!\d)/g)].map((m) => Number(m[1]));
+    problems.push(...sequenceProblems('stream', streamed, N));
+    // 2. The terminal's buffer: the lines still on screen are a gap-free, duplicate-free run that
+    //    ends with line-N (all of them when N fits on the screen).
+    const onScreen = (await transcript(page)).split('\n').map((l) => l.trim()).filter((l) => /^line-\d+$/.test(l)).map((l) => Number(l.slice(5)));
+    const first = onScreen.length ? onScreen[0] : N + 1;
+    problems.push(...sequenceProblems('screen', onScreen, N, first));
+    const rows = after.rows;
+    if (N + 4 < rows && first !== 1) problems.push(`screen: only line-${first}… is shown although all ${N} lines fit`);
+    if (after.resumes <= before.resumes) problems.push(`the page did not resume (stats ${JSON.stringify(after)})`);
+    if (after.snapshots > before.snapshots) problems.push('the page got a snapshot instead of a replay');
+    if (after.reopens > before.reopens) problems.push('the page opened a new client instead of resuming');
+    if (problems.length) throw new Error(`resume lost or repeated output:\n  ${problems.slice(0, 20).join('\n  ')}`);
+    log(`${since()} stream and screen: all ${N} lines arrived exactly once (${onScreen.length} on screen) across ${after.connects - before.connects} reconnect(s) (${after.resumes - before.resumes} resume(s))`);
+    const state = await hook(page, () => window.__tether.state);
+    if (state !== 'live') throw new Error(`state after resume is ${state}`);
+  }
+  if (env.TETHER_SCREENSHOT_DIR) {
+    mkdirSync(env.TETHER_SCREENSHOT_DIR, { recursive: true });
+    for (const [label, p] of pages) await p.screenshot({ path: join(env.TETHER_SCREENSHOT_DIR, `${label}-ok.png`) }).catch(() => {});
+  }
+  log(`ok in ${since()}`);
+} catch (e) {
+  failed = true;
+  console.error(`TETHER-BROWSER FAILED after ${since()}: ${e.stack ?? e}`);
+  if (env.TETHER_SCREENSHOT_DIR) {
+    mkdirSync(env.TETHER_SCREENSHOT_DIR, { recursive: true });
+    for (const [label, p] of pages) {
+      await p.screenshot({ path: join(env.TETHER_SCREENSHOT_DIR, `${label}.png`) }).catch(() => {});
+      const text = await transcript(p).catch(() => '');
+      writeFileSync(join(env.TETHER_SCREENSHOT_DIR, `${label}.txt`), text);
+      const stream = await p.evaluate(() => window.__tether.stream()).catch(() => '');
+      writeFileSync(join(env.TETHER_SCREENSHOT_DIR, `${label}.stream`), stream);
+    }
+  }
+} finally {
+  await context.close().catch(() => {});
+  rmSync(profile, { recursive: true, force: true });
+  stdinLines.close();
+}
+process.exit(failed ? 1 : 0);

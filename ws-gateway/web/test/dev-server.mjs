@@ -1,0 +1,118 @@
+// A stand-in for the gateway, for working on the page without Kubernetes: serves dist/, answers
+// /api/whoami, /api/login and /api/sessions for one development token, and proxies
+// /ws/<ns>/<name> to a real session agent with an attach ticket it mints itself (Ed25519 JWT, the
+// claims of protocol/src/ticket.rs). It forwards frames untouched, like the gateway does.
+//
+//   node test/dev-server.mjs --agent 127.0.0.1:7681 --key agent-signing.pem --token dev \
+//        --session default/dev --uid dev-uid [--listen 127.0.0.1:8080]
+//
+// `--keygen DIR` writes DIR/ticket.key (PKCS#8) and DIR/ticket.pub (SPKI) for the agent.
+import { createServer, request as httpRequest } from 'node:http';
+import { createHash, createPrivateKey, generateKeyPairSync, randomBytes, sign } from 'node:crypto';
+import { readFileSync, writeFileSync, existsSync } from 'node:fs';
+import { join, normalize, dirname, extname } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { parseArgs } from 'node:util';
+import { WebSocketServer, WebSocket } from 'ws';
+
+const { values: a } = parseArgs({
+  options: {
+    listen: { type: 'string', default: '127.0.0.1:8080' },
+    agent: { type: 'string' },
+    key: { type: 'string' },
+    token: { type: 'string', default: 'dev' },
+    user: { type: 'string', default: 'developer' },
+    session: { type: 'string', default: 'default/dev' },
+    uid: { type: 'string', default: 'dev-uid' },
+    keygen: { type: 'string' },
+    csp: { type: 'string', default: "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; font-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'" },
+  },
+});
+
+if (a.keygen) {
+  const { privateKey, publicKey } = generateKeyPairSync('ed25519');
+  writeFileSync(join(a.keygen, 'ticket.key'), privateKey.export({ type: 'pkcs8', format: 'pem' }));
+  writeFileSync(join(a.keygen, 'ticket.pub'), publicKey.export({ type: 'spki', format: 'pem' }));
+  process.exit(0);
+}
+
+const dist = join(dirname(fileURLToPath(import.meta.url)), '..', 'dist');
+const key = createPrivateKey(readFileSync(a.key, 'utf8'));
+const [ns, name] = a.session.split('/');
+const sessionsCookie = 'tether_dev_session';
+// Stable across restarts (like the gateway's signed cookie), so a restart does not sign anyone out.
+const sid = createHash('sha256').update(readFileSync(a.key)).update(a.token).digest('hex');
+
+const b64 = (b) => Buffer.from(b).toString('base64url');
+function ticket(mode) {
+  const now = Math.floor(Date.now() / 1000);
+  const header = b64(JSON.stringify({ alg: 'EdDSA', typ: 'JWT' }));
+  const claims = b64(JSON.stringify({ iss: 'tether-gateway', aud: 'tether-agent', sub: a.user, sid: a.session, suid: a.uid, mode, iat: now, exp: now + 30, jti: randomBytes(16).toString('hex') }));
+  const sig = sign(null, Buffer.from(`${header}.${claims}`), key);
+  return `${header}.${claims}.${b64(sig)}`;
+}
+
+const authed = (req) => (req.headers.cookie ?? '').split(/;\s*/).includes(`${sessionsCookie}=${sid}`);
+const types = { '.html': 'text/html; charset=utf-8', '.js': 'text/javascript; charset=utf-8', '.css': 'text/css; charset=utf-8' };
+
+function json(res, status, body, headers = {}) {
+  res.writeHead(status, { 'content-type': 'application/json', 'cache-control': 'no-store', ...headers });
+  res.end(JSON.stringify(body));
+}
+
+const server = createServer((req, res) => {
+  const url = new URL(req.url, 'http://x');
+  if (url.pathname === '/api/whoami') return authed(req) ? json(res, 200, { user: a.user, groups: [] }) : json(res, 401, { error: 'not signed in' });
+  if (url.pathname === '/api/login' && req.method === 'POST') {
+    let body = '';
+    req.on('data', (c) => (body += c));
+    req.on('end', () => {
+      let token = '';
+      try {
+        token = JSON.parse(body).token;
+      } catch {}
+      if (token !== a.token) return json(res, 401, { error: 'invalid token' });
+      json(res, 200, { user: a.user }, { 'set-cookie': `${sessionsCookie}=${sid}; HttpOnly; SameSite=Strict; Path=/` });
+    });
+    return;
+  }
+  if (url.pathname === '/api/logout') return json(res, 200, {}, { 'set-cookie': `${sessionsCookie}=; Max-Age=0; Path=/` });
+  if (url.pathname === '/api/sessions') {
+    if (!authed(req)) return json(res, 401, { error: 'not signed in' });
+    return json(res, 200, [{ namespace: ns, name, phase: 'Ready', ready: true, message: 'dev server', canAttach: true, canObserve: true }]);
+  }
+  const path = url.pathname === '/' ? '/index.html' : normalize(url.pathname);
+  const file = join(dist, path);
+  if (!file.startsWith(dist) || !existsSync(file)) {
+    res.writeHead(404);
+    return res.end('not found');
+  }
+  res.writeHead(200, { 'content-type': types[extname(file)] ?? 'application/octet-stream', 'content-security-policy': a.csp, 'x-content-type-options': 'nosniff' });
+  res.end(readFileSync(file));
+});
+
+const wss = new WebSocketServer({ noServer: true, handleProtocols: (p) => (p.has('tether.v1') ? 'tether.v1' : false) });
+server.on('upgrade', (req, socket, head) => {
+  const url = new URL(req.url, 'http://x');
+  const m = /^\/ws\/([^/]+)\/([^/]+)$/.exec(url.pathname);
+  if (!m || `${decodeURIComponent(m[1])}/${decodeURIComponent(m[2])}` !== a.session || !authed(req)) {
+    socket.end('HTTP/1.1 403 Forbidden\r\n\r\n');
+    return;
+  }
+  const mode = url.searchParams.get('mode') === 'observe' ? 'observe' : 'attach';
+  wss.handleUpgrade(req, socket, head, (client) => {
+    const upstream = new WebSocket(`ws://${a.agent}/attach`, 'tether.v1', { headers: { authorization: `Bearer ${ticket(mode)}` } });
+    const pending = [];
+    upstream.on('open', () => pending.splice(0).forEach((m) => upstream.send(m)));
+    client.on('message', (m) => (upstream.readyState === WebSocket.OPEN ? upstream.send(m) : pending.push(m)));
+    upstream.on('message', (m) => client.readyState === WebSocket.OPEN && client.send(m));
+    const closeCode = (c) => (c === 1005 || c === 1006 || !c ? 1011 : c);
+    upstream.on('close', (c, r) => client.readyState <= 1 && client.close(closeCode(c), r));
+    client.on('close', (c, r) => upstream.readyState <= 1 && upstream.close(c === 1005 || c === 1006 ? 1000 : c, r));
+    upstream.on('error', () => client.readyState <= 1 && client.close(1011, 'agent unreachable'));
+  });
+});
+
+const [host, port] = [a.listen.slice(0, a.listen.lastIndexOf(':')), Number(a.listen.slice(a.listen.lastIndexOf(':') + 1))];
+server.listen(port, host, () => console.log(`dev server on http://${host}:${server.address().port}`));
+for (const s of ['SIGINT', 'SIGTERM']) process.on(s, () => process.exit(0));
