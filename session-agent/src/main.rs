@@ -45,6 +45,8 @@ async fn main() -> std::process::ExitCode {
         }
         Err(e) => {
             tracing::error!(error = %e, "agent failed");
+            // `run` writes it too once tmux is up; this covers failures before (e.g. bind).
+            TerminationMessage::error(&e).write(&termination_path);
             std::process::ExitCode::FAILURE
         }
     }

@@ -118,3 +118,43 @@ fn the_binary_exits_cleanly_with_a_termination_message() {
         assert!(help.contains(flag), "--help lacks {flag}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_recording_is_an_asciicast_of_the_output() {
+    let rec = tempfile::tempdir().unwrap();
+    let mut agent = TestAgent::start(&[&format!("--recording-dir={}", rec.path().display())]).await;
+    let mut t = agent.open(Mode::Attach, Size::default()).await;
+    read_until(&mut t, "$ ").await;
+    t.send_input(b"echo recorded-$((7*6))\r").await.unwrap();
+    read_until(&mut t, "recorded-42").await;
+    agent.stop().await;
+    let file = std::fs::read_dir(rec.path())
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(
+        file.file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("team-a_dev_")
+    );
+    let text = std::fs::read_to_string(&file).unwrap();
+    let mut lines = text.lines();
+    let header: serde_json::Value = serde_json::from_str(lines.next().unwrap()).unwrap();
+    assert_eq!(
+        (
+            header["version"].as_i64(),
+            header["width"].as_i64(),
+            header["height"].as_i64()
+        ),
+        (Some(2), Some(80), Some(24))
+    );
+    let output: String = lines
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+        .inspect(|e| assert_eq!(e[1], "o"))
+        .map(|e| e[2].as_str().unwrap().to_owned())
+        .collect();
+    assert!(output.contains("recorded-42"), "{output:?}");
+}
