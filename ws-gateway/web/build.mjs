@@ -27,5 +27,5 @@ await build({
   charset: 'utf8',
 });
 copyFileSync(join(root, 'src/index.html'), join(dist, 'index.html'));
-copyFileSync(join(root, 'src/favicon.svg'), join(dist, 'favicon.svg'));
+copyFileSync(join(root, 'src/favicon.svg'), join(dist, 'assets', 'favicon.svg'));
 console.log(`built ${dist}`);

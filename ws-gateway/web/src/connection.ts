@@ -88,6 +88,8 @@ export class Connection {
   private stopped = false;
   private serverMode: Mode | null = null;
   private lastSize: Size | null = null;
+  /** Where the output stood before a snapshot replaced it (for the notice). */
+  private skippedFrom = 0n;
   private captured: Uint8Array[] = [];
   private capturedLen = 0;
   state: ConnState = 'connecting';
@@ -279,6 +281,7 @@ export class Connection {
 
   private onWelcome(ws: WebSocket, w: Extract<ServerFrame, { type: 'welcome' }>): void {
     const resumedFrom = this.clientId ? this.received : null;
+    this.skippedFrom = this.received;
     if (resumedFrom !== null && hex(w.clientId) !== hex(this.clientId!)) {
       this.fail(ws, 'WELCOME names another client');
       return;
@@ -315,8 +318,8 @@ export class Connection {
   private applySnapshot(s: Snapshot): void {
     this.stats.snapshots++;
     this.opts.screen.notice(
-      `output between offsets ${this.received} and ${s.offset} is no longer held by the server; ` +
-        `the screen below is a snapshot (${s.size.cols}x${s.size.rows}) and scrollback before it is incomplete`,
+      `Output from offset ${this.skippedFrom} to ${s.offset} was no longer held by the server and was skipped: ` +
+        `the screen was redrawn from a snapshot (${s.size.cols}x${s.size.rows}); history before it is incomplete.`,
     );
     this.received = s.offset;
     if (this.acked < s.offset) this.acked = s.offset;

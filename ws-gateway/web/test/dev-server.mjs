@@ -76,6 +76,10 @@ const server = createServer((req, res) => {
     });
     return;
   }
+  if (url.pathname === '/favicon.ico') {
+    res.writeHead(404);
+    return res.end();
+  }
   if (url.pathname === '/api/logout') return json(res, 200, {}, { 'set-cookie': `${sessionsCookie}=; Max-Age=0; Path=/` });
   if (url.pathname === '/api/sessions') {
     if (!authed(req)) return json(res, 401, { error: 'not signed in' });
