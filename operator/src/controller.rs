@@ -188,7 +188,7 @@ async fn reconcile_inner(
         Some(pod) if is_owned_by(pod, session) => PodState::Present(pod),
         Some(_) => PodState::NotOwned,
         None if old.pod_name.is_some() => PodState::Gone,
-        None => match create_pod(session, ctx, namespace, &pods).await {
+        None => match create_pod(session, ctx, namespace, &pods).await? {
             Ok(pod) => {
                 ctx.rejections.lock().expect("not poisoned").remove(&key);
                 info!(pod = %name, "created session pod");
@@ -202,11 +202,10 @@ async fn reconcile_inner(
                 created = Some(pod);
                 PodState::Present(created.as_ref().expect("just set"))
             }
-            Err(kube::Error::Api(status)) if Rejection::from_status(&status).is_some() => {
-                rejection = Rejection::from_status(&status);
-                PodState::Rejected(rejection.as_ref().expect("just checked"))
+            Err(refusal) => {
+                rejection = Some(refusal);
+                PodState::Rejected(rejection.as_ref().expect("just set"))
             }
-            Err(e) => return Err(e.into()),
         },
     };
 
@@ -223,7 +222,7 @@ async fn reconcile_inner(
             let attempts = map.get(&key).map_or(0, |(n, _)| *n);
             let wait = backoff(attempts, REJECTION_BACKOFF, MAX_BACKOFF);
             map.insert(key, (attempts + 1, Instant::now() + wait));
-            warn!(code = r.code, reason = %r.reason, message = %r.message, ?wait, "the cluster refused the session pod");
+            warn!(object = %r.object, code = r.code, reason = %r.reason, message = %r.message, ?wait, "the cluster refused it");
             Ok(Action::requeue(wait))
         }
         PodState::NotOwned => Ok(Action::requeue(CONFLICT_RETRY)),
@@ -238,29 +237,37 @@ async fn reconcile_inner(
     }
 }
 
+/// Applies the namespace's network policy, then the pod. A refusal of either is a
+/// [`Rejection`] naming what was refused; any other failure is an error to retry.
 async fn create_pod(
     session: &TerminalSession,
     ctx: &Context,
     namespace: &str,
     pods: &Api<Pod>,
-) -> Result<Pod, kube::Error> {
+) -> Result<std::result::Result<Pod, Rejection>> {
+    let refused = |object: &str, e: kube::Error| match &e {
+        kube::Error::Api(status) => Rejection::from_status(object, status).ok_or(Error::Kube(e)),
+        _ => Err(Error::Kube(e)),
+    };
     // The policy first, so the pod never runs unprotected.
     let policy = build_network_policy(namespace, &ctx.settings);
     let policies: Api<NetworkPolicy> = Api::namespaced(ctx.client.clone(), namespace);
     let params = PatchParams::apply(FIELD_MANAGER).force();
-    policies
+    if let Err(e) = policies
         .patch(&policy.name_any(), &params, &Patch::Apply(&policy))
-        .await?;
-    let pod = build_pod(session, &ctx.settings).map_err(|e| {
-        // Only a session without a UID fails here, which the API server never serves.
-        kube::Error::Api(
-            kube::core::Status::failure(&e.to_string(), "Invalid")
-                .with_code(422)
-                .boxed(),
-        )
-    })?;
-    pods.patch(&pod.name_any(), &params, &Patch::Apply(&pod))
         .await
+    {
+        let object = format!("network policy {}", policy.name_any());
+        return Ok(Err(refused(&object, e)?));
+    }
+    let pod = build_pod(session, &ctx.settings)?;
+    match pods
+        .patch(&pod.name_any(), &params, &Patch::Apply(&pod))
+        .await
+    {
+        Ok(pod) => Ok(Ok(pod)),
+        Err(e) => Ok(Err(refused("session pod", e)?)),
+    }
 }
 
 async fn patch_status(

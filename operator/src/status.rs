@@ -30,9 +30,12 @@ pub enum PodState<'a> {
     Gone,
 }
 
-/// The API server's refusal of a pod, as its `Status` said it.
+/// The API server's refusal of the session pod or of what must precede it (its network
+/// policy), as its `Status` said it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rejection {
+    /// What was refused, in words: "session pod", "network policy tether-sessions".
+    pub object: String,
     /// HTTP code: 403 for quota and admission, 422 for an invalid pod.
     pub code: u16,
     /// The Status reason, a CamelCase word such as `Forbidden` or `Invalid`.
@@ -44,8 +47,9 @@ pub struct Rejection {
 impl Rejection {
     /// The refusal in `status`, when it is one: the server understood the request and said no.
     /// Other failures (throttling, server errors, conflicts) are transient and retried.
-    pub fn from_status(status: &kube::core::Status) -> Option<Self> {
+    pub fn from_status(object: &str, status: &kube::core::Status) -> Option<Self> {
         matches!(status.code, 400 | 403 | 404 | 422).then(|| Self {
+            object: object.into(),
             code: status.code,
             reason: if status.reason.is_empty() {
                 "Rejected".into()
@@ -147,10 +151,10 @@ pub fn desired_status(
         }
         PodState::Rejected(r) => {
             let message = format!(
-                "The cluster refused the session pod ({}): {}. The operator retries with \
-                 backoff; an administrator may need to raise a quota or fix the operator's \
-                 settings.",
-                r.reason, r.message
+                "The cluster refused the {} ({}): {}. The operator retries with backoff; an \
+                 administrator may need to raise a quota or fix the operator's settings or \
+                 permissions.",
+                r.object, r.reason, r.message
             );
             let mut o = Outcome::new(SessionPhase::Pending, c::REASON_POD_REJECTED, message);
             o.created = (false, r.reason.clone(), o.message.clone());
@@ -497,6 +501,7 @@ mod tests {
     #[test]
     fn a_refused_pod_shows_the_api_servers_reason_and_message() {
         let r = Rejection {
+            object: "session pod".into(),
             code: 403,
             reason: "Forbidden".into(),
             message: "pods \"dev-0f1e2d3c\" is forbidden: exceeded quota: q, requested: pods=1"
@@ -776,6 +781,7 @@ mod tests {
     #[test]
     fn long_messages_are_cut() {
         let r = Rejection {
+            object: "session pod".into(),
             code: 403,
             reason: "Forbidden".into(),
             message: "é".repeat(5000),
@@ -796,10 +802,10 @@ mod tests {
     #[test]
     fn only_refusals_become_rejections() {
         let st = |code| kube::core::Status::failure("m", "Forbidden").with_code(code);
-        assert!(Rejection::from_status(&st(403)).is_some());
-        assert!(Rejection::from_status(&st(422)).is_some());
-        assert!(Rejection::from_status(&st(500)).is_none());
-        assert!(Rejection::from_status(&st(409)).is_none());
-        assert!(Rejection::from_status(&st(429)).is_none());
+        assert!(Rejection::from_status("session pod", &st(403)).is_some());
+        assert!(Rejection::from_status("session pod", &st(422)).is_some());
+        assert!(Rejection::from_status("session pod", &st(500)).is_none());
+        assert!(Rejection::from_status("session pod", &st(409)).is_none());
+        assert!(Rejection::from_status("session pod", &st(429)).is_none());
     }
 }

@@ -486,3 +486,27 @@ async fn a_foreign_pod_with_the_session_pods_name_is_reported_and_left_alone() {
     let (result, _) = run(session, ctx, handle, script).await;
     assert_eq!(result.unwrap(), Action::requeue(CONFLICT_RETRY));
 }
+
+#[tokio::test]
+async fn a_refused_network_policy_is_named_in_status_and_no_pod_is_created_without_it() {
+    let (ctx, handle) = context();
+    let forbidden = json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Forbidden", "code": 403,
+        "message": "networkpolicies.networking.k8s.io \"tether-sessions\" is forbidden: User cannot create resource"
+    });
+    let script = vec![
+        expect(Method::GET, POD, 404, not_found()),
+        expect(Method::PATCH, POLICY, 403, forbidden),
+        expect(Method::PATCH, STATUS, 200, Value::Null).checking(|b| {
+            assert_eq!(b["status"]["reason"], "PodRejected");
+            let message = b["status"]["message"].as_str().unwrap();
+            assert!(
+                message.contains("refused the network policy tether-sessions"),
+                "{message}"
+            );
+        }),
+        expect(Method::POST, EVENTS, 201, Value::Null),
+    ];
+    let (result, _) = run(TerminalSession::test(), ctx, handle, script).await;
+    assert_eq!(result.unwrap(), Action::requeue(REJECTION_BACKOFF));
+}
