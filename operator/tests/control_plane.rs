@@ -648,6 +648,49 @@ async fn agent_exits_finish_sessions_honestly_and_free_their_pods() {
         })
         .await;
     }
+    // The maximum lifetime is the pod's activeDeadlineSeconds; the kubelet fails the pod with
+    // reason DeadlineExceeded when it passes.
+    sessions
+        .create(
+            &PostParams::default(),
+            &session(
+                "old",
+                json!({"maxLifetimeSeconds": 10, "ttlSecondsAfterFinished": 3}),
+            ),
+        )
+        .await
+        .unwrap();
+    let pod = eventually("a pod", Duration::from_secs(30), || async {
+        status_of(&sessions, "old").await.and_then(|s| s.pod_name)
+    })
+    .await;
+    assert_eq!(
+        pods.get(&pod)
+            .await
+            .unwrap()
+            .spec
+            .unwrap()
+            .active_deadline_seconds,
+        Some(10)
+    );
+    kubelet_runs(&admin, ns.name(), &pod, "10.244.1.9").await;
+    eventually("Ready", Duration::from_secs(30), || {
+        phase_is(&sessions, "old", SessionPhase::Ready)
+    })
+    .await;
+    let deadline = json!({"status": {"phase": "Failed", "reason": "DeadlineExceeded",
+        "message": "Pod was active on the node longer than the specified deadline",
+        "conditions": [{"type": "Ready", "status": "False", "lastTransitionTime": now()}]}});
+    pods.patch_status(&pod, &PatchParams::default(), &Patch::Merge(&deadline))
+        .await
+        .unwrap();
+    let st = eventually("old Expired", Duration::from_secs(30), || {
+        phase_is(&sessions, "old", SessionPhase::Expired)
+    })
+    .await;
+    assert_eq!(st.reason.as_deref(), Some(c::REASON_MAX_LIFETIME_EXCEEDED));
+    kubelet_finishes_deletion(&admin, ns.name(), &pod).await;
+
     // ttlSecondsAfterFinished removes the finished sessions themselves.
     eventually(
         "finished sessions removed by their TTL",
@@ -908,7 +951,7 @@ async fn churn_of_200_sessions_through_5_operator_kills_converges_without_orphan
 
 /// The benchmark: 1,000 sessions created at once; prints time until every pod exists,
 /// per-session latency (creation sent → pod seen) p50/p99, operator CPU seconds and peak RSS.
-/// `cargo test -p tether-operator --release --test control_plane -- --ignored --nocapture bench`
+/// `cargo test -p tether-operator --test control_plane -- --ignored --nocapture bench_1000`
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a benchmark, not a test: run it on purpose"]
 async fn bench_1000_sessions_created_at_once() {
