@@ -454,6 +454,16 @@ async fn a_session_becomes_an_admitted_owned_pod_then_ready_and_its_pod_goes_wit
         "{reasons:?}"
     );
 
+    // Nothing changes, so nothing happens: no hot loop on our own writes.
+    let before = op.metric("tether_operator_reconciliations_total").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = op.metric("tether_operator_reconciliations_total").await;
+    assert!(
+        after - before <= 1.0,
+        "{} reconciliations of an unchanged session in 3 s",
+        after - before
+    );
+
     // Honest metrics, and not one permission missing under the chart's role.
     eventually(
         "the Ready session counted",
@@ -850,6 +860,39 @@ async fn of_two_replicas_only_the_leader_writes_and_the_other_takes_over() {
         .filter_map(|e| e.reporting_instance)
         .collect();
     assert_eq!(after, BTreeSet::from(["replica-b".to_string()]));
+}
+
+#[tokio::test]
+async fn a_leader_whose_lease_is_taken_stops_acting_and_exits() {
+    let (cp, admin, kubeconfig) = setup().await;
+    let ns = cp.namespace("op-usurp").await;
+    let mut op = Operator::start(cp, &kubeconfig, ns.name(), "usurp", "usurp-a");
+    eventually("usurp-a to lead", Duration::from_secs(30), || async {
+        (op.metric("tether_operator_leader").await == 1.0).then_some(())
+    })
+    .await;
+    // Another replica took the lease (say, across a partition): this one must stop at once.
+    let micro = now().replace('Z', ".000000Z");
+    let lease = json!({"spec": {"holderIdentity": "usurper", "renewTime": micro, "acquireTime": micro, "leaseDurationSeconds": 60}});
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(admin.clone(), OPERATOR_NAMESPACE)
+        .patch("usurp", &PatchParams::default(), &Patch::Merge(&lease))
+        .await
+        .unwrap();
+    assert_eq!(
+        op.exited(Duration::from_secs(30)).await,
+        Some(1),
+        "a deposed leader exits 1"
+    );
+    let sessions: Api<TerminalSession> = Api::namespaced(admin.clone(), ns.name());
+    sessions
+        .create(&PostParams::default(), &session("dev", json!({})))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        status_of(&sessions, "dev").await.is_none(),
+        "nobody acts without the lease"
+    );
 }
 
 /// Creates and deletes sessions in rounds, SIGKILLing and restarting the operator between
