@@ -100,6 +100,18 @@ impl Context {
         }
     }
 
+    /// Drops the retry state of every session not in `live`.
+    fn forget_all_but(&self, live: &std::collections::HashSet<ObjectRef<TerminalSession>>) {
+        self.rejections
+            .lock()
+            .expect("not poisoned")
+            .retain(|k, _| live.contains(k));
+        self.failures
+            .lock()
+            .expect("not poisoned")
+            .retain(|k, _| live.contains(k));
+    }
+
     async fn publish(
         &self,
         session: &TerminalSession,
@@ -461,6 +473,19 @@ pub async fn run(
         .graceful_shutdown_on(shutdown);
     let store = controller.store();
     ctx.metrics.count_sessions_in(store.clone());
+    // Deleted sessions are never reconciled again; forget their backoff state now and then.
+    let (prune_ctx, prune_store) = (ctx.clone(), store.clone());
+    let pruner = tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(RESYNC).await;
+            let live: std::collections::HashSet<ObjectRef<TerminalSession>> = prune_store
+                .state()
+                .iter()
+                .map(|s| ObjectRef::from_obj(&**s))
+                .collect();
+            prune_ctx.forget_all_but(&live);
+        }
+    });
     tokio::spawn(async move {
         if store.wait_until_ready().await.is_ok() {
             ready.store(true, Ordering::SeqCst);
@@ -475,6 +500,7 @@ pub async fn run(
             }
         })
         .await;
+    pruner.abort();
 }
 
 #[cfg(test)]

@@ -510,3 +510,22 @@ async fn a_refused_network_policy_is_named_in_status_and_no_pod_is_created_witho
     let (result, _) = run(TerminalSession::test(), ctx, handle, script).await;
     assert_eq!(result.unwrap(), Action::requeue(REJECTION_BACKOFF));
 }
+
+#[tokio::test]
+async fn retry_state_of_deleted_sessions_is_forgotten() {
+    let (ctx, _handle) = context();
+    let gone = ObjectRef::from_obj(&TerminalSession::test());
+    let kept = ObjectRef::from_obj(&TerminalSession::test().with_name("kept"));
+    ctx.failures.lock().unwrap().insert(gone.clone(), 3);
+    ctx.failures.lock().unwrap().insert(kept.clone(), 1);
+    ctx.rejections
+        .lock()
+        .unwrap()
+        .insert(gone.clone(), (1, std::time::Instant::now()));
+    ctx.forget_all_but(&std::collections::HashSet::from([kept.clone()]));
+    assert_eq!(
+        ctx.failures.lock().unwrap().keys().collect::<Vec<_>>(),
+        vec![&kept]
+    );
+    assert!(ctx.rejections.lock().unwrap().is_empty());
+}
