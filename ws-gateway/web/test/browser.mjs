@@ -209,9 +209,11 @@ try {
     //    exactly once and in order (a lost or repeated chunk across the reconnect shows here).
     const stream = (await hook(page, () => window.__tether.stream()))
       .slice(streamStart)
-      .replace(/\x1b\][^\x07\x1b]*(\x07|\x1b\\)/g, '')
-      .replace(/\x1b\[[0-?]*[ -/]*[@-~]/g, '')
-      .replace(/\x1b[()][0-9A-Za-z]|\x1b[=>78cDEHMNOZ]/g, '');
+      // Each sequence becomes a line break: after `clear`, `line-1` follows the command's echo
+      // with only cursor movements in between.
+      .replace(/\x1b\][^\x07\x1b]*(\x07|\x1b\\)/g, '\n')
+      .replace(/\x1b\[[0-?]*[ -/]*[@-~]/g, '\n')
+      .replace(/\x1b[()][0-9A-Za-z]|\x1b[=>78cDEHMNOZ]/g, '\n');
     const streamed = [...stream.matchAll(/(?<![\w$-])line-(\d+)(?!\d)/g)].map((m) => Number(m[1]));
     problems.push(...sequenceProblems('stream', streamed, N));
     // 2. The terminal's buffer: the lines still on screen are a gap-free, duplicate-free run that
