@@ -1,4 +1,48 @@
-//! Placeholder until this component lands.
+//! `tether-gateway`: runs in-cluster or with KUBECONFIG.
 #![forbid(unsafe_code)]
 
-fn main() {}
+use std::sync::Arc;
+
+use clap::Parser;
+use tether_gateway::authn::KubeTokenReview;
+use tether_gateway::authz::KubeAccessReview;
+use tether_gateway::{Args, Backends, Error, Gateway, audit::AuditLog, index};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .json()
+        .init();
+    let config = Args::parse().into_config()?;
+    let client = kube::Client::try_default().await.map_err(Error::Kube)?;
+    let audit = AuditLog::open(config.args.audit_log.as_deref()).map_err(Error::Audit)?;
+    let listener = tokio::net::TcpListener::bind(config.args.listen)
+        .await
+        .map_err(Error::Listen)?;
+    let idx = index::Index::shared();
+    tokio::spawn(index::run_watch(client.clone(), idx.clone()));
+    let gw = Gateway::new(
+        config,
+        Backends {
+            index: idx,
+            access: Arc::new(KubeAccessReview(client.clone())),
+            token_review: Some(Arc::new(KubeTokenReview(client))),
+        },
+        audit,
+    );
+    tether_gateway::run(gw, listener, shutdown_signal()).await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

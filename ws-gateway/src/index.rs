@@ -1,0 +1,286 @@
+//! The session index: what the gateway knows about every `TerminalSession`, fed by a watch.
+//!
+//! Lookups on the connection path never call the API server; they read this index. The index is
+//! a plain value changed by [`Index::apply`]/[`Index::delete`] and the watcher's re-list events, so
+//! it is tested synchronously; [`run_watch`] is the thin plumbing that feeds it from kube-runtime.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
+
+use futures::StreamExt;
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use tether_api::{SessionPhase, TerminalSession, conditions};
+
+/// What the gateway needs of one session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionView {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    /// `status.phase`, `Pending` until the operator writes one.
+    pub phase: SessionPhase,
+    /// `status.message`, what a person reads when the session is not Ready.
+    pub message: String,
+    /// `host:port` of the agent, only while the session is ready.
+    pub endpoint: Option<String>,
+}
+
+impl SessionView {
+    /// Derives the view from the resource. `None` for an object without namespace or uid, which
+    /// the API server never sends; such an object is skipped rather than stalling the watch.
+    pub fn from_resource(s: &TerminalSession) -> Option<Self> {
+        let namespace = s.namespace()?;
+        let uid = s.uid()?;
+        let status = s.status.clone().unwrap_or_default();
+        let phase = status.phase.unwrap_or_default();
+        let condition_ready = status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == conditions::READY && c.status == "True");
+        let endpoint = status
+            .endpoint
+            .filter(|e| phase == SessionPhase::Ready && condition_ready && !e.trim().is_empty());
+        Some(Self {
+            namespace,
+            name: s.name_any(),
+            uid,
+            phase,
+            message: status.message.unwrap_or_default(),
+            endpoint,
+        })
+    }
+
+    /// Ready to be attached: Ready phase, Ready condition and an endpoint.
+    pub fn is_ready(&self) -> bool {
+        self.endpoint.is_some()
+    }
+
+    /// `namespace/name`, as in attach tickets.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// The in-memory index.
+#[derive(Debug, Default)]
+pub struct Index {
+    sessions: BTreeMap<(String, String), SessionView>,
+    /// Objects seen during a re-list, swapped in when it completes.
+    relisting: Option<BTreeMap<(String, String), SessionView>>,
+    synced: bool,
+}
+
+/// The index shared between the watch task and the request handlers.
+pub type SharedIndex = Arc<RwLock<Index>>;
+
+impl Index {
+    pub fn shared() -> SharedIndex {
+        Arc::new(RwLock::new(Index::default()))
+    }
+
+    /// Adds or replaces a session.
+    pub fn apply(&mut self, s: &TerminalSession) {
+        let Some(view) = SessionView::from_resource(s) else {
+            tracing::warn!(name = %s.name_any(), "skipping a session without namespace or uid");
+            return;
+        };
+        self.sessions
+            .insert((view.namespace.clone(), view.name.clone()), view);
+    }
+
+    pub fn delete(&mut self, namespace: &str, name: &str) {
+        self.sessions
+            .remove(&(namespace.to_owned(), name.to_owned()));
+    }
+
+    /// A re-list starts: collect into a fresh map so deletions missed while disconnected vanish.
+    pub fn relist_begin(&mut self) {
+        self.relisting = Some(BTreeMap::new());
+    }
+
+    pub fn relist_apply(&mut self, s: &TerminalSession) {
+        let Some(view) = SessionView::from_resource(s) else {
+            return;
+        };
+        self.relisting
+            .get_or_insert_with(BTreeMap::new)
+            .insert((view.namespace.clone(), view.name.clone()), view);
+    }
+
+    /// The re-list is complete: it replaces the old content and the index counts as synced.
+    pub fn relist_done(&mut self) {
+        if let Some(fresh) = self.relisting.take() {
+            self.sessions = fresh;
+        }
+        self.synced = true;
+    }
+
+    /// Whether a full list has been seen (drives `/readyz`).
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    pub fn get(&self, namespace: &str, name: &str) -> Option<&SessionView> {
+        self.sessions.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// Every session, or those of one namespace, in name order.
+    pub fn list(&self, namespace: Option<&str>) -> Vec<SessionView> {
+        self.sessions
+            .values()
+            .filter(|v| namespace.is_none_or(|ns| v.namespace == ns))
+            .cloned()
+            .collect()
+    }
+
+    /// Feeds one watcher event.
+    pub fn handle(&mut self, event: watcher::Event<TerminalSession>) {
+        match event {
+            watcher::Event::Apply(s) => self.apply(&s),
+            watcher::Event::Delete(s) => {
+                if let Some(ns) = s.namespace() {
+                    self.delete(&ns, &s.name_any());
+                }
+            }
+            watcher::Event::Init => self.relist_begin(),
+            watcher::Event::InitApply(s) => self.relist_apply(&s),
+            watcher::Event::InitDone => self.relist_done(),
+        }
+    }
+}
+
+/// Watches every TerminalSession the client may list and feeds the index until the stream ends.
+/// Errors are logged and retried with backoff; one bad object never stalls the watch.
+pub async fn run_watch(client: Client, index: SharedIndex) {
+    use kube::runtime::WatchStreamExt;
+    let api: Api<TerminalSession> = Api::all(client);
+    let mut stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    while let Some(event) = stream.next().await {
+        match event {
+            Ok(event) => index
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .handle(event),
+            Err(e) => tracing::warn!(error = %e, "session watch failed; retrying"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+    use tether_api::{TerminalSessionSpec, TerminalSessionStatus};
+
+    fn session(ns: &str, name: &str) -> TerminalSession {
+        let mut s = TerminalSession::new(name, TerminalSessionSpec::default());
+        s.metadata.namespace = Some(ns.into());
+        s.metadata.uid = Some(format!("uid-{name}"));
+        s
+    }
+
+    fn ready(mut s: TerminalSession, endpoint: &str) -> TerminalSession {
+        s.status = Some(TerminalSessionStatus {
+            phase: Some(SessionPhase::Ready),
+            endpoint: Some(endpoint.into()),
+            conditions: vec![Condition {
+                type_: conditions::READY.into(),
+                status: "True".into(),
+                reason: conditions::REASON_AGENT_READY.into(),
+                message: String::new(),
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+                ),
+                observed_generation: None,
+            }],
+            ..Default::default()
+        });
+        s
+    }
+
+    #[test]
+    fn a_ready_session_has_its_endpoint() {
+        let mut idx = Index::default();
+        idx.apply(&ready(session("a", "dev"), "10.0.0.1:7681"));
+        let v = idx.get("a", "dev").unwrap();
+        assert!(v.is_ready());
+        assert_eq!(v.endpoint.as_deref(), Some("10.0.0.1:7681"));
+        assert_eq!(v.key(), "a/dev");
+        assert_eq!(v.uid, "uid-dev");
+    }
+
+    #[test]
+    fn a_session_without_status_is_pending_and_not_ready() {
+        let mut idx = Index::default();
+        idx.apply(&session("a", "dev"));
+        let v = idx.get("a", "dev").unwrap();
+        assert_eq!(v.phase, SessionPhase::Pending);
+        assert!(!v.is_ready());
+    }
+
+    #[test]
+    fn an_endpoint_left_behind_after_ready_is_ignored() {
+        let mut s = ready(session("a", "dev"), "10.0.0.1:7681");
+        let status = s.status.as_mut().unwrap();
+        status.phase = Some(SessionPhase::Succeeded);
+        status.message = Some("the shell exited with status 0".into());
+        let mut idx = Index::default();
+        idx.apply(&s);
+        let v = idx.get("a", "dev").unwrap();
+        assert!(!v.is_ready());
+        assert_eq!(v.message, "the shell exited with status 0");
+    }
+
+    #[test]
+    fn the_ready_condition_must_be_true_too() {
+        let mut s = ready(session("a", "dev"), "10.0.0.1:7681");
+        s.status.as_mut().unwrap().conditions[0].status = "False".into();
+        let mut idx = Index::default();
+        idx.apply(&s);
+        assert!(!idx.get("a", "dev").unwrap().is_ready());
+    }
+
+    #[test]
+    fn deletes_remove_and_lists_filter_by_namespace() {
+        let mut idx = Index::default();
+        idx.apply(&session("a", "one"));
+        idx.apply(&session("a", "two"));
+        idx.apply(&session("b", "one"));
+        assert_eq!(idx.list(None).len(), 3);
+        assert_eq!(idx.list(Some("a")).len(), 2);
+        idx.delete("a", "one");
+        assert!(idx.get("a", "one").is_none());
+        assert_eq!(idx.list(Some("a")).len(), 1);
+    }
+
+    #[test]
+    fn a_relist_drops_sessions_deleted_while_disconnected_and_marks_synced() {
+        let mut idx = Index::default();
+        assert!(!idx.is_synced());
+        idx.handle(watcher::Event::Init);
+        idx.handle(watcher::Event::InitApply(session("a", "old")));
+        idx.handle(watcher::Event::InitDone);
+        assert!(idx.is_synced());
+        assert!(idx.get("a", "old").is_some());
+
+        idx.handle(watcher::Event::Init);
+        // Until the re-list completes, lookups still see the old content.
+        idx.handle(watcher::Event::InitApply(session("a", "new")));
+        assert!(idx.get("a", "old").is_some());
+        idx.handle(watcher::Event::InitDone);
+        assert!(idx.get("a", "old").is_none());
+        assert!(idx.get("a", "new").is_some());
+    }
+
+    #[test]
+    fn objects_without_namespace_are_skipped() {
+        let mut idx = Index::default();
+        let mut s = session("a", "dev");
+        s.metadata.namespace = None;
+        idx.apply(&s);
+        assert!(idx.list(None).is_empty());
+    }
+}
