@@ -236,9 +236,11 @@ impl SnapshotFrame {
             out.extend_from_slice(line);
             out.extend_from_slice(b"\x1b[0m");
         }
-        out.extend_from_slice(
-            format!("\x1b[{};{}H", self.cursor_y + 1, self.cursor_x + 1).as_bytes(),
-        );
+        // The cursor is clamped to the screen: a hostile frame must not make the client misbehave
+        // (the fuzzer found the overflow of `u16::MAX + 1`).
+        let row = u32::from(self.cursor_y.min(self.size.rows - 1)) + 1;
+        let col = u32::from(self.cursor_x.min(self.size.cols - 1)) + 1;
+        out.extend_from_slice(format!("\x1b[{row};{col}H").as_bytes());
         out.extend_from_slice(if self.cursor_visible {
             b"\x1b[?25h"
         } else {
@@ -742,8 +744,30 @@ mod tests {
             }
             if let Ok(f) = ServerFrame::decode(&buf) {
                 assert_eq!(f.encode(), buf);
+                if let ServerFrame::Snapshot(s) = f {
+                    let _ = s.to_ansi();
+                }
             }
         }
+    }
+
+    #[test]
+    fn snapshot_ansi_clamps_a_cursor_outside_the_screen() {
+        // Found by the cargo-fuzz target: cursor_y = 65535 overflowed.
+        let s = SnapshotFrame {
+            offset: 0,
+            size: Size::new(10, 2).unwrap(),
+            cursor_x: u16::MAX,
+            cursor_y: u16::MAX,
+            alternate_screen: false,
+            cursor_visible: false,
+            screen: Bytes::new(),
+        };
+        assert!(
+            String::from_utf8(s.to_ansi())
+                .unwrap()
+                .ends_with("\x1b[2;10H\x1b[?25l")
+        );
     }
 
     #[test]
