@@ -253,9 +253,41 @@ async fn streams(s: &Setup, via: bool, n: usize, secs: u64) -> (f64, u64) {
     (cpu_secs() - cpu0, total)
 }
 
+/// Runs one measurement in a fresh process so freed memory of an earlier run cannot hide the
+/// cost of a later one; prints one line of numbers.
+fn child(phase: &str) -> Vec<f64> {
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .env("TETHER_BENCH_PHASE", phase)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .last()
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect()
+}
+
 #[tokio::main]
 async fn main() {
-    // `cargo bench` passes --bench; ignore arguments.
+    // `cargo bench` passes --bench; arguments are ignored.
+    let n = env("TETHER_BENCH_IDLE", 3000);
+    let m = env("TETHER_BENCH_STREAMS", 2000);
+    let secs = env("TETHER_BENCH_SECS", 5) as u64;
+    if let Ok(phase) = std::env::var("TETHER_BENCH_PHASE") {
+        let s = setup().await;
+        let via = phase.ends_with("gateway");
+        if phase.starts_with("idle") {
+            let (kib, _keep) = idle(&s, via, n).await;
+            println!("{kib}");
+        } else {
+            let (cpu, bytes) = streams(&s, via, m, secs).await;
+            println!("{cpu} {bytes}");
+        }
+        return;
+    }
+
     let s = setup().await;
     let rounds = 2000;
     let (d50, d99) = latency(&s, false, rounds).await;
@@ -268,36 +300,39 @@ async fn main() {
         g99.as_secs_f64() / d99.as_secs_f64()
     );
 
-    let n = env("TETHER_BENCH_IDLE", 3000);
-    let (direct_kib, keep) = idle(&s, false, n).await;
-    drop(keep);
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (proxied_kib, keep) = idle(&s, true, n).await;
-    drop(keep);
-    println!("{n} idle connections: RSS +{direct_kib} KiB direct, +{proxied_kib} KiB via gateway");
+    let direct = child("idle-direct").first().copied().unwrap_or(0.0);
+    let proxied = child("idle-gateway").first().copied().unwrap_or(0.0);
+    println!(
+        "{n} idle connections (fresh process each): RSS +{direct} KiB direct, +{proxied} KiB via gateway"
+    );
     println!(
         "  gateway share ≈ {:.1} KiB per connection",
-        (proxied_kib as f64 - direct_kib as f64) / n as f64
+        (proxied - direct) / n as f64
     );
-    tokio::time::sleep(Duration::from_secs(1)).await;
 
-    let m = env("TETHER_BENCH_STREAMS", 2000);
-    let secs = env("TETHER_BENCH_SECS", 5) as u64;
-    let (cpu_direct, bytes_direct) = streams(&s, false, m, secs).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let (cpu_via, bytes_via) = streams(&s, true, m, secs).await;
-    println!("{m} connections at 40 KB/s each for {secs}s (echoed):");
+    let d = child("streams-direct");
+    let g = child("streams-gateway");
+    let (cpu_d, bytes_d) = (
+        d.first().copied().unwrap_or(0.0),
+        d.get(1).copied().unwrap_or(1.0),
+    );
+    let (cpu_g, bytes_g) = (
+        g.first().copied().unwrap_or(0.0),
+        g.get(1).copied().unwrap_or(1.0),
+    );
+    println!("{m} connections, each sending 40 KB/s that is echoed back, for {secs}s:");
     println!(
-        "  direct   CPU {cpu_direct:.2}s for {} MB",
-        bytes_direct / 1_000_000
+        "  direct   CPU {cpu_d:.2}s for {:.0} MB echoed ({:.1} ms/MB)",
+        bytes_d / 1e6,
+        1e9 * cpu_d / bytes_d
     );
     println!(
-        "  gateway  CPU {cpu_via:.2}s for {} MB",
-        bytes_via / 1_000_000
+        "  gateway  CPU {cpu_g:.2}s for {:.0} MB echoed ({:.1} ms/MB)",
+        bytes_g / 1e6,
+        1e9 * cpu_g / bytes_g
     );
     println!(
-        "  gateway share ≈ {:.2} CPU-seconds per second ({:.0}% of one core)",
-        (cpu_via - cpu_direct) / secs as f64,
-        100.0 * (cpu_via - cpu_direct) / secs as f64
+        "  CPU per byte through the gateway x{:.2} of direct",
+        (cpu_g / bytes_g) / (cpu_d / bytes_d)
     );
 }

@@ -39,6 +39,9 @@ pub const BEARER_PROTOCOL_PREFIX: &str = "tether.bearer.";
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
 font-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
 
+/// Read buffer of each proxied WebSocket.
+const READ_BUFFER: usize = 8 * 1024;
+
 /// The source address of a connection, inserted by the accept loop.
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
@@ -593,7 +596,10 @@ async fn websocket(
             Ok(Ok(u)) => u,
             _ => return,
         };
+        // Small read buffers: an idle terminal is the common case, and tungstenite's default
+        // 128 KiB per socket would dominate the gateway's memory per connection.
         let ws_config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
             .max_message_size(Some(settings.max_frame_bytes * 2 + 1024))
             .max_frame_size(Some(settings.max_frame_bytes * 2 + 1024));
         let client = tokio_tungstenite::WebSocketStream::from_raw_socket(
@@ -668,6 +674,7 @@ pub async fn dial_agent(
         HeaderValue::from_str(&format!("Bearer {ticket}")).map_err(|e| e.to_string())?,
     );
     let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(tether_protocol::MAX_SERVER_FRAME + 1024))
         .max_frame_size(Some(tether_protocol::MAX_SERVER_FRAME + 1024));
     let (ws, _) = tokio::time::timeout(

@@ -15,6 +15,9 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
+/// Input that makes the backend drop the connection abruptly, as a crashed agent would.
+pub const DROP_COMMAND: &[u8] = b"!drop";
+
 /// What the backend saw, for assertions.
 #[derive(Debug, Default)]
 pub struct BackendStats {
@@ -106,6 +109,8 @@ pub async fn serve(listener: TcpListener, verifier: Arc<Verifier>, stats: Arc<Ba
                             .await;
                         break;
                     }
+                    // A way for tests to cut the agent side of a connection without a close frame.
+                    Ok(ClientFrame::Input(data)) if data.as_ref() == DROP_COMMAND => break,
                     Ok(ClientFrame::Input(data)) => {
                         let f = ServerFrame::Output {
                             offset,

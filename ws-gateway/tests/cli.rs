@@ -50,6 +50,59 @@ async fn the_cli_attaches_types_and_detaches_at_end_of_input() {
 }
 
 #[tokio::test]
+async fn the_cli_reconnects_and_resumes_when_the_connection_is_lost() {
+    let gw = TestGateway::start(&[]).await;
+    let mut child = cli(&gw, ALICE, &[]).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    stdin.write_all(b"before").await.unwrap();
+    wait_for(&mut stdout, "before").await;
+    stdin
+        .write_all(tether_gateway::test_backend::DROP_COMMAND)
+        .await
+        .unwrap();
+    wait_for(&mut stderr, "resuming").await;
+    stdin.write_all(b"after-the-drop").await.unwrap();
+    wait_for(&mut stdout, "after-the-drop").await;
+    drop(stdin);
+    let status = tokio::time::timeout(STEP, child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    assert!(
+        gw.backend
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 2
+    );
+}
+
+async fn wait_for(out: &mut (impl AsyncReadExt + Unpin), text: &str) {
+    let mut seen = Vec::new();
+    tokio::time::timeout(STEP, async {
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&seen).contains(text) {
+            let n = out.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before {text:?}: {}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        panic!(
+            "{text:?} did not arrive: {}",
+            String::from_utf8_lossy(&seen)
+        )
+    });
+}
+
+#[tokio::test]
 async fn a_refused_attach_is_explained_and_fails() {
     let gw = TestGateway::start(&[]).await;
     let out = tokio::time::timeout(STEP, cli(&gw, BOB, &[]).output())
