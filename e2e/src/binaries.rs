@@ -1,5 +1,5 @@
 //! Builds the control-plane binaries (etcd, kube-apiserver, kube-controller-manager,
-//! kube-scheduler, and kubectl) from their Go modules, once, into a cache that later runs reuse.
+//! kube-scheduler, kubectl, and the chart tools helm and kubeconform) from their Go modules, once, into a cache that later runs reuse.
 //!
 //! Prebuilt binaries cannot be downloaded on the machines Tether is developed on, and Debian's
 //! etcd is too old for a current kube-apiserver, so the Go modules under `e2e/controlplane/` pin
@@ -54,6 +54,10 @@ pub struct Binaries {
     pub kube_scheduler: PathBuf,
     /// kubectl of the same release.
     pub kubectl: PathBuf,
+    /// helm 3, for the chart tests and `cargo dev up`.
+    pub helm: PathBuf,
+    /// kubeconform, which checks rendered manifests against schemas.
+    pub kubeconform: PathBuf,
 }
 
 impl Binaries {
@@ -64,6 +68,8 @@ impl Binaries {
             kube_controller_manager: dir.join("kube-controller-manager"),
             kube_scheduler: dir.join("kube-scheduler"),
             kubectl: dir.join("kubectl"),
+            helm: dir.join("helm"),
+            kubeconform: dir.join("kubeconform"),
         }
     }
 
@@ -74,6 +80,8 @@ impl Binaries {
             &self.kube_controller_manager,
             &self.kube_scheduler,
             &self.kubectl,
+            &self.helm,
+            &self.kubeconform,
         ]
         .iter()
         .all(|p| p.is_file())
@@ -140,7 +148,7 @@ pub fn ensure() -> Result<Binaries, BuildError> {
             return Ok(bins);
         }
         return Err(BuildError::Go(format!(
-            "TETHER_CONTROLPLANE_BIN={} does not hold etcd, kube-apiserver, kube-controller-manager, kube-scheduler and kubectl",
+            "TETHER_CONTROLPLANE_BIN={} does not hold etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, helm and kubeconform",
             Path::new(&dir).display()
         )));
     }
@@ -163,13 +171,15 @@ pub fn ensure() -> Result<Binaries, BuildError> {
              tether: a cold build takes several minutes on two cores; later runs reuse it",
             dir.display()
         );
-        build_module("etcd", &dir, &[])?;
+        build_module("etcd", &dir, &[], "./cmd/...")?;
         let ldflags = format!(
             "-s -w -X k8s.io/component-base/version.gitVersion={KUBERNETES_VERSION} \
              -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=34 \
              -X k8s.io/component-base/version.gitTreeState=clean"
         );
-        build_module("kube", &dir, &["-ldflags", &ldflags])?;
+        build_module("kube", &dir, &["-ldflags", &ldflags], "./cmd/...")?;
+        // `tool` is every `tool` line of that go.mod: helm and kubeconform.
+        build_module("tools", &dir, &["-ldflags", "-s -w"], "tool")?;
     }
     drop(lock);
     Ok(bins)
@@ -183,11 +193,16 @@ fn go() -> Command {
     cmd
 }
 
-/// Builds every `cmd/*` of one module into `out`, printing progress.
-fn build_module(module: &str, out: &Path, extra: &[&str]) -> Result<(), BuildError> {
+/// Builds the `packages` pattern of one module into `out`, printing progress.
+fn build_module(
+    module: &str,
+    out: &Path,
+    extra: &[&str],
+    packages: &str,
+) -> Result<(), BuildError> {
     let dir = modules_dir().join(module);
     let total = go()
-        .args(["list", "-deps", "./cmd/..."])
+        .args(["list", "-deps", packages])
         .current_dir(&dir)
         .output()
         .map_err(|e| BuildError::Go(format!("cannot run `go` ({e}); install Go 1.24 or newer")))?;
@@ -208,7 +223,7 @@ fn build_module(module: &str, out: &Path, extra: &[&str]) -> Result<(), BuildErr
         .args(["build", "-v", "-trimpath", "-o"])
         .arg(format!("{}/", out.display()))
         .args(extra)
-        .arg("./cmd/...")
+        .arg(packages)
         .current_dir(&dir)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

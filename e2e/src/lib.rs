@@ -17,6 +17,7 @@ pub mod namespace;
 pub mod node;
 pub mod pki;
 pub mod process;
+pub mod stack;
 
 pub use controlplane::{ControlPlane, Options, client_from_kubeconfig, free_port, install_crds};
 pub use namespace::TestNamespace;

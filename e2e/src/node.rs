@@ -307,7 +307,7 @@ async fn run_pod(node: Arc<NodeState>, pod: Pod, mut updates: watch::Receiver<Op
             }
             _ = tick.tick(), if probe.is_some() => {
                 let (port, path) = probe.clone().expect("guarded by the branch condition");
-                let ok = probe_http(pod_ip, port, &path).await;
+                let ok = probe_http(pod_ip.into(), port, &path).await;
                 if ok != ready {
                     ready = ok;
                     patch_status(&pods, &name, running_status(&container, pod_ip, started_at, ready)).await;
@@ -616,7 +616,7 @@ fn terminated_status(
 
 /// A minimal HTTP/1.1 GET for readiness probes: a status line of 2xx or 3xx is success, as for
 /// the kubelet. Written by hand because the probe needs nothing else of an HTTP client.
-async fn probe_http(ip: Ipv4Addr, port: u16, path: &str) -> bool {
+pub(crate) async fn probe_http(ip: std::net::IpAddr, port: u16, path: &str) -> bool {
     {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let attempt = async {

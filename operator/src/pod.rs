@@ -7,9 +7,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::{
     api::core::v1::{
-        Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, Pod,
-        PodSecurityContext, PodSpec, Probe, ResourceRequirements, SeccompProfile, SecurityContext,
-        Volume, VolumeMount,
+        Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+        HTTPGetAction, ObjectFieldSelector, Pod, PodSecurityContext, PodSpec, Probe,
+        ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
     },
     apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
@@ -230,7 +230,21 @@ fn agent_env(
         .idle_timeout_seconds
         .unwrap_or(settings.idle_timeout_seconds);
     let mut env = vec![
-        var("TETHER_LISTEN", format!("0.0.0.0:{AGENT_PORT}")),
+        // The agent listens on the pod's own address, not 0.0.0.0: that is all the gateway
+        // dials, and it lets pods that share one network namespace (the local node runs every
+        // pod as a process on its own loopback address) use the same port side by side.
+        EnvVar {
+            name: "TETHER_POD_IP".into(),
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: "status.podIP".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        var("TETHER_LISTEN", format!("$(TETHER_POD_IP):{AGENT_PORT}")),
         var(
             "TETHER_SESSION",
             format!("{namespace}/{}", session.name_any()),
@@ -585,7 +599,16 @@ mod tests {
         );
         assert_eq!(c.termination_message_policy.as_deref(), Some("File"));
         let env = env_of(&pod);
-        assert_eq!(env["TETHER_LISTEN"], "0.0.0.0:7681");
+        assert_eq!(env["TETHER_LISTEN"], "$(TETHER_POD_IP):7681");
+        let pod_ip = container(&pod)
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "TETHER_POD_IP")
+            .and_then(|e| e.value_from.as_ref())
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.clone());
+        assert_eq!(pod_ip.as_deref(), Some("status.podIP"));
         assert_eq!(env["TETHER_SESSION"], "team-a/dev");
         assert_eq!(env["TETHER_SESSION_UID"], s.uid().unwrap());
         assert_eq!(env["TETHER_IDLE_TIMEOUT_SECONDS"], "300");
@@ -655,7 +678,7 @@ mod tests {
             .collect();
         assert_eq!(names.iter().filter(|n| *n == "TETHER_LISTEN").count(), 1);
         assert_eq!(names.iter().filter(|n| *n == "HOME").count(), 1);
-        assert_eq!(env_of(&pod)["TETHER_LISTEN"], "0.0.0.0:7681");
+        assert_eq!(env_of(&pod)["TETHER_LISTEN"], "$(TETHER_POD_IP):7681");
         assert_eq!(env_of(&pod)["HOME"], "/tmp/h");
     }
 

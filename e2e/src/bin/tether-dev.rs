@@ -1,7 +1,9 @@
 //! `cargo dev`: the two commands README.md starts with.
 //!
-//! - `cargo dev up` builds what is missing, starts a local control plane, installs the CRDs,
-//!   writes `.tether/kubeconfig` and runs until Ctrl-C.
+//! - `cargo dev up` builds what is missing, starts a local control plane, installs the chart's
+//!   CRDs and RBAC, runs the operator, the gateway and the local node under their chart
+//!   identities, applies `examples/`, prints the URL and development tokens, and runs until
+//!   Ctrl-C.
 //! - `cargo dev test` installs what the tests need, then runs every check CI runs: formatting,
 //!   clippy, and the whole test suite against the real control plane.
 
@@ -12,7 +14,11 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
-use tether_e2e::{ControlPlane, Options, binaries};
+use tether_e2e::{
+    ControlPlane, Options, binaries,
+    node::{self, NodeOptions},
+    stack::{self, Stack, StackOptions},
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "cargo dev", about = "Run Tether locally and test it", version)]
@@ -28,6 +34,9 @@ enum Cmd {
         /// Port of the local kube-apiserver (0 picks a free one).
         #[arg(long, default_value_t = 6443)]
         api_port: u16,
+        /// Port of the gateway, where the page is served (0 picks a free one).
+        #[arg(long, default_value_t = 8443)]
+        gateway_port: u16,
     },
     /// Install what the tests need, then run formatting, lint and the whole test suite.
     Test {
@@ -40,12 +49,37 @@ enum Cmd {
     },
     /// Build (or find in the cache) the control-plane binaries and print where they are.
     BuildControlPlane,
+    /// Run the local node (used by `up` and the tests; runs until killed).
+    #[command(hide = true)]
+    LocalNode {
+        /// Kubeconfig of the node identity (system:node:NAME).
+        #[arg(long)]
+        kubeconfig: std::path::PathBuf,
+        /// The Node's name.
+        #[arg(long)]
+        name: String,
+        /// Directory for pods' volumes and logs.
+        #[arg(long)]
+        dir: std::path::PathBuf,
+        /// Directory searched first for container commands.
+        #[arg(long)]
+        bin_dir: Vec<std::path::PathBuf>,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Cmd::Up { api_port } => up(api_port),
+        Cmd::Up {
+            api_port,
+            gateway_port,
+        } => up(api_port, gateway_port),
+        Cmd::LocalNode {
+            kubeconfig,
+            name,
+            dir,
+            bin_dir,
+        } => local_node(kubeconfig, name, dir, bin_dir),
         Cmd::Test {
             no_lint,
             cargo_test_args,
@@ -73,27 +107,61 @@ fn build_control_plane() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn up(api_port: u16) -> anyhow::Result<()> {
+fn up(api_port: u16, gateway_port: u16) -> anyhow::Result<()> {
     let root = binaries::repo_root();
     let state = root.join(".tether");
+    let started = std::time::Instant::now();
+    ensure_debian_packages(&["tmux"])?;
+    build_page(&root)?;
+    step("building the control plane (cached after the first run)");
+    let bins = binaries::ensure()?;
+    step("building Tether");
+    stack::build_binaries()?;
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
+        step("starting the control plane");
         let cp = ControlPlane::start(Options {
             dir: state.join("controlplane"),
             api_port,
         })
         .await
         .context("starting the local control plane")?;
-        tether_e2e::install_crds(&cp.admin_client().await)
-            .await
-            .context("installing crds/")?;
         let kubeconfig = state.join("kubeconfig");
         std::fs::copy(cp.admin_kubeconfig(), &kubeconfig)
             .with_context(|| format!("writing {}", kubeconfig.display()))?;
-        let bins = binaries::ensure()?;
+        step("starting the operator, the gateway and the local node");
+        let mut stack = Stack::start(
+            &cp,
+            StackOptions {
+                dir: state.join("stack"),
+                gateway_port,
+                operator_args: vec![],
+            },
+        )
+        .await?;
+        step("applying examples/ (kustomization: namespace tether-demo)");
+        let examples = root.join("examples");
+        stack::kubectl_apply(
+            cp.admin_kubeconfig(),
+            &["-k", &examples.display().to_string()],
+            None,
+        )?;
         let bin_dir = bins.kubectl.parent().expect("binaries live in a directory");
         println!();
-        println!("Tether is up: the control plane answers at {}", cp.server());
+        println!(
+            "Tether is up in {:.0}s. Open {}",
+            started.elapsed().as_secs_f64(),
+            stack.url()
+        );
+        println!();
+        for user in &stack.users {
+            let role = if user.user == "alice" {
+                "attach and observe"
+            } else {
+                "observe only"
+            };
+            println!("  token for {} ({role}): {}", user.user, user.token);
+        }
         println!();
         println!("  export KUBECONFIG={}", kubeconfig.display());
         println!(
@@ -101,19 +169,61 @@ fn up(api_port: u16) -> anyhow::Result<()> {
             bin_dir.display(),
             binaries::KUBERNETES_VERSION
         );
-        println!("  kubectl apply -f examples/basic.yaml && kubectl get ts");
+        println!("  kubectl get ts -n tether-demo -w");
         println!();
         println!(
-            "Logs are in {}. Press Ctrl-C to stop everything.",
-            cp.dir().join("logs").display()
+            "Logs: {} and {}.",
+            cp.dir().join("logs").display(),
+            stack.dir().join("logs").display()
         );
+        println!("Press Ctrl-C to stop everything.");
         tokio::signal::ctrl_c()
             .await
             .context("waiting for Ctrl-C")?;
-        println!("\nStopping the control plane.");
+        println!("\nStopping Tether and the control plane.");
+        stack.stop();
         cp.stop();
         Ok(())
     })
+}
+
+fn local_node(
+    kubeconfig: std::path::PathBuf,
+    name: String,
+    dir: std::path::PathBuf,
+    bin_dirs: Vec<std::path::PathBuf>,
+) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async {
+        let client = tether_e2e::client_from_kubeconfig(&kubeconfig).await;
+        node::run(
+            client,
+            NodeOptions {
+                name,
+                dir,
+                bin_dirs,
+                ip_octet: 1,
+            },
+        )
+        .await
+    })
+}
+
+/// Builds the browser page from its npm lockfile into `ws-gateway/web/dist/`, which the gateway
+/// embeds at compile time.
+fn build_page(root: &Path) -> anyhow::Result<()> {
+    let web = root.join("ws-gateway/web");
+    if !web.join("package-lock.json").exists() {
+        return Ok(());
+    }
+    if !web.join("node_modules").exists() {
+        step("npm ci (ws-gateway/web)");
+        run(Command::new("npm")
+            .args(["ci", "--no-audit", "--no-fund"])
+            .current_dir(&web))?;
+    }
+    step("building the page (ws-gateway/web)");
+    run(Command::new("npm").args(["run", "build"]).current_dir(&web))
 }
 
 fn test(no_lint: bool, cargo_test_args: &[String]) -> anyhow::Result<()> {
