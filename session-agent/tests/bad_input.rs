@@ -275,3 +275,22 @@ async fn bad_tickets_get_their_close_codes_and_others_keep_working() {
     );
     witness_still_served(&mut witness, 99).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_beyond_the_limit_are_refused() {
+    let agent = TestAgent::start(&["--max-clients=1"]).await;
+    let mut first = agent.open(Mode::Attach, Size::default()).await;
+    let ws = agent.connect(Some(&agent.ticket(Mode::Attach))).await;
+    let err = TerminalClient::open(ws, Size::default()).await.unwrap_err();
+    assert!(
+        matches!(
+            err,
+            tether_protocol::client::ClientError::Closed {
+                code: Some(CloseCode::TOO_MANY_CLIENTS),
+                ..
+            }
+        ),
+        "{err}"
+    );
+    witness_still_served(&mut first, 1).await;
+}

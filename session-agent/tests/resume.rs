@@ -96,7 +96,8 @@ async fn random_cuts_during_seq_lose_and_duplicate_nothing() {
         panic!("transcript differs from what the agent sent at byte {i} (after {cuts} cuts)");
     }
     // And the screen the client draws from it is tmux's screen.
-    transcript.extend_from_slice(&read_until_quiet(&mut t, std::time::Duration::from_millis(300)).await);
+    transcript
+        .extend_from_slice(&read_until_quiet(&mut t, std::time::Duration::from_millis(300)).await);
     let mut screen = vt100::Parser::new(size.rows, size.cols, 0);
     screen.process(&transcript);
     assert_eq!(
