@@ -155,8 +155,6 @@ try {
     observer = await newPage('observe');
     const orow = await signIn(observer);
     await openTerminal(observer, orow, 'observe');
-    const ro = await observer.evaluate(() => document.querySelector('.xterm-helper-textarea')?.hasAttribute('disabled') ?? null);
-    log(`${since()} observer input disabled: ${ro}`);
   }
 
   const marker = `tether-${randomBytes(4).toString('hex')}`;
