@@ -358,12 +358,19 @@ pub fn parse_dev_tokens(text: &str) -> Result<HashMap<String, UserInfo>, String>
     Ok(out)
 }
 
+/// How long an accepted Kubernetes token is remembered, so a page polling `/api/sessions` does
+/// not cost a TokenReview per request. Refusals are not cached.
+pub const TOKEN_REVIEW_CACHE_TTL: Duration = Duration::from_secs(10);
+const TOKEN_REVIEW_CACHE_MAX: usize = 10_000;
+
 /// Every configured way to authenticate.
 #[derive(Default)]
 pub struct Authenticator {
     pub dev_tokens: Option<HashMap<String, UserInfo>>,
     pub oidc: Option<Oidc>,
     pub token_review: Option<Arc<dyn TokenReviewer>>,
+    /// SHA-256 of a token → who TokenReview said it was, and when.
+    pub reviewed: std::sync::Mutex<HashMap<[u8; 32], (Instant, UserInfo)>>,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -393,10 +400,29 @@ impl Authenticator {
             return oidc.verify(token).await;
         }
         if let Some(tr) = &self.token_review {
-            return tr
+            use sha2::Digest as _;
+            let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
+            {
+                let cache = self.reviewed.lock().unwrap_or_else(|p| p.into_inner());
+                if let Some((at, user)) = cache.get(&key)
+                    && at.elapsed() < TOKEN_REVIEW_CACHE_TTL
+                {
+                    return Ok(user.clone());
+                }
+            }
+            let user = tr
                 .review(token)
                 .await?
-                .ok_or_else(|| AuthError::Invalid("the API server does not accept it".into()));
+                .ok_or_else(|| AuthError::Invalid("the API server does not accept it".into()))?;
+            let mut cache = self.reviewed.lock().unwrap_or_else(|p| p.into_inner());
+            if cache.len() >= TOKEN_REVIEW_CACHE_MAX {
+                cache.retain(|_, (at, _)| at.elapsed() < TOKEN_REVIEW_CACHE_TTL);
+                if cache.len() >= TOKEN_REVIEW_CACHE_MAX {
+                    cache.clear();
+                }
+            }
+            cache.insert(key, (Instant::now(), user.clone()));
+            return Ok(user);
         }
         Err(AuthError::Invalid("unknown token".into()))
     }
@@ -405,6 +431,43 @@ impl Authenticator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    struct Counting(AtomicUsize);
+
+    impl TokenReviewer for Counting {
+        fn review<'a>(
+            &'a self,
+            token: &'a str,
+        ) -> BoxFuture<'a, Result<Option<UserInfo>, AuthError>> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            let answer = (token == "good-k8s-token").then(|| UserInfo {
+                user: "system:serviceaccount:a:b".into(),
+                groups: vec![],
+            });
+            Box::pin(async move { Ok(answer) })
+        }
+    }
+
+    #[tokio::test]
+    async fn accepted_kubernetes_tokens_are_reviewed_once_per_ttl_and_refusals_every_time() {
+        let reviewer = Arc::new(Counting(AtomicUsize::new(0)));
+        let authn = Authenticator {
+            token_review: Some(reviewer.clone()),
+            ..Default::default()
+        };
+        for _ in 0..3 {
+            assert_eq!(
+                authn.authenticate("good-k8s-token").await.unwrap().user,
+                "system:serviceaccount:a:b"
+            );
+        }
+        assert_eq!(reviewer.0.load(Ordering::SeqCst), 1);
+        for _ in 0..2 {
+            assert!(authn.authenticate("bad-k8s-token").await.is_err());
+        }
+        assert_eq!(reviewer.0.load(Ordering::SeqCst), 3);
+    }
 
     #[test]
     fn dev_token_lines_parse_with_and_without_groups() {

@@ -90,6 +90,7 @@ impl Gateway {
             dev_tokens: config.dev_tokens.clone(),
             oidc: config.oidc.clone().map(|o| Oidc::new(o, metrics.clone())),
             token_review: backends.token_review,
+            reviewed: Default::default(),
         };
         let authz = Authorizer::new(
             backends.access,
