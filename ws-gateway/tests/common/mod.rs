@@ -127,11 +127,13 @@ impl TestGateway {
             format!("--dev-token-file={}", tokens.display()),
             format!("--oidc-issuer={ISSUER}"),
             format!("--oidc-audience={AUDIENCE}"),
-            format!("--oidc-jwks-file={}", data("jwks.json").display()),
             format!("--audit-log={}", dir.path().join("audit.jsonl").display()),
             "--handshake-timeout=2s".into(),
             "--drain-timeout=5s".into(),
         ];
+        if !opts.flags.iter().any(|f| f.starts_with("--oidc-jwks-url")) {
+            argv.push(format!("--oidc-jwks-file={}", data("jwks.json").display()));
+        }
         argv.extend(opts.flags.iter().cloned());
         let config = Args::try_parse_from(argv).unwrap().into_config().unwrap();
 
