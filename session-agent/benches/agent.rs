@@ -60,7 +60,11 @@ impl Agent {
             .args(command)
             .env("PS1", "$ ")
             .env("RUST_LOG", "warn")
-            .stderr(Stdio::null())
+            .stderr(
+                std::fs::File::create(dir.path().join("agent.log"))
+                    .map(Stdio::from)
+                    .unwrap_or(Stdio::null()),
+            )
             .spawn()
             .unwrap();
         let agent = Agent {
@@ -71,7 +75,11 @@ impl Agent {
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(&agent.addr).is_err() {
-            assert!(Instant::now() < deadline, "agent did not start");
+            assert!(
+                Instant::now() < deadline,
+                "agent did not start: {}",
+                std::fs::read_to_string(agent.dir.path().join("agent.log")).unwrap_or_default()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(200));
@@ -203,6 +211,49 @@ async fn output_ratio() {
     let bare_bytes = bare.until(MARKER).await;
     let bare_time = t0.elapsed();
 
+    // tmux attached directly in a bare pty, same configuration, no agent: what tmux costs.
+    let tdir = tempfile::tempdir().unwrap();
+    let conf = tdir.path().join("tmux.conf");
+    std::fs::write(&conf, tether_session_agent::tmux::TMUX_CONF).unwrap();
+    let sock = tdir.path().join("tmux.sock");
+    let (sock_s, conf_s) = (
+        sock.to_string_lossy().into_owned(),
+        conf.to_string_lossy().into_owned(),
+    );
+    let mut direct = Bare::start(&[
+        "env",
+        "TERM=xterm-256color",
+        "tmux",
+        "-u",
+        "-S",
+        &sock_s,
+        "-f",
+        &conf_s,
+        "new-session",
+        "bash",
+        "--noprofile",
+        "--norc",
+    ]);
+    direct
+        .pty
+        .write_all(b"echo READY-$((1+1))\r")
+        .await
+        .unwrap();
+    direct.until(b"READY-2").await;
+    let t0 = Instant::now();
+    direct
+        .pty
+        .write_all(format!("{OUTPUT_CMD}\r").as_bytes())
+        .await
+        .unwrap();
+    let direct_bytes = direct.until(MARKER).await;
+    let direct_time = t0.elapsed();
+    let _ = Command::new("tmux")
+        .arg("-S")
+        .arg(&sock)
+        .arg("kill-server")
+        .output();
+
     let agent = Agent::start(SHELL);
     let mut t = agent.open(Size::new(80, 24).unwrap()).await;
     t.send_input(b"echo READY-$((1+1))\r").await.unwrap();
@@ -223,8 +274,16 @@ async fn output_ratio() {
         agent_time.as_secs_f64()
     );
     println!(
+        "  tmux direct:     {:>8.3}s ({direct_bytes} bytes read; tmux attached in a bare pty, no agent)",
+        direct_time.as_secs_f64()
+    );
+    println!(
         "  ratio agent/bare: {:.3} (goal <= 1.1)",
         agent_time.as_secs_f64() / bare_time.as_secs_f64()
+    );
+    println!(
+        "  ratio agent/tmux direct: {:.3} (what the agent adds to tmux itself)",
+        agent_time.as_secs_f64() / direct_time.as_secs_f64()
     );
 }
 

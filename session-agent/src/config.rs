@@ -38,6 +38,7 @@ pub struct Args {
         long,
         env = "TETHER_TICKET_PUBLIC_KEY",
         hide_env_values = true,
+        allow_hyphen_values = true,
         conflicts_with = "ticket_public_key_file"
     )]
     pub ticket_public_key: Option<String>,
