@@ -125,29 +125,26 @@ impl Tmux {
     }
 
     pub async fn pane_state(&self) -> Result<PaneState> {
+        // Fields can be empty (no signal, or no status yet): split on a separator, not on
+        // whitespace, so they keep their positions.
         let out = self
             .cmd(&[
                 "display-message",
                 "-p",
                 "-t",
                 SESSION,
-                "#{pane_dead} #{pane_dead_status} #{pane_dead_signal} #{window_activity}",
+                "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}:#{window_activity}:#{pane_pid}",
             ])
             .await?;
-        let f: Vec<&str> = out.split_whitespace().collect();
-        let num = |i: usize| f.get(i).and_then(|s| s.parse::<i64>().ok());
-        let exited = match f.first() {
-            Some(&"1") => Some(match (num(1), num(2)) {
-                (Some(s), _) => s as i32,
-                (None, Some(sig)) => 128 + sig as i32,
-                _ => -1,
-            }),
-            _ => None,
-        };
-        Ok(PaneState {
-            exited,
-            activity: num(f.len().saturating_sub(1)).unwrap_or(0) as u64,
-        })
+        let line = out.trim();
+        let mut state = parse_pane_state(line);
+        if state.exited.is_none() && line.starts_with("1:") {
+            // Seen under some parents: tmux marks the pane dead but never reaps the shell, so
+            // it never learns the status. The zombie still carries it in /proc.
+            let pid = line.rsplit(':').next().and_then(|p| p.parse::<u32>().ok());
+            state.exited = pid.and_then(zombie_exit_status);
+        }
+        Ok(state)
     }
 
     /// The tty of the tmux client process `pid`, for `refresh-client -t`.
@@ -211,5 +208,97 @@ impl Tmux {
 
     pub async fn kill_server(&self) {
         let _ = self.cmd(&["kill-server"]).await;
+    }
+}
+
+fn parse_pane_state(line: &str) -> PaneState {
+    let f: Vec<&str> = line.split(':').collect();
+    let num = |i: usize| f.get(i).and_then(|s| s.trim().parse::<i64>().ok());
+    let activity = num(3).unwrap_or(0).max(0) as u64;
+    // tmux marks the pane dead a moment before it has the status; until then it is not over.
+    let exited = match (f.first().copied(), num(1), num(2)) {
+        (Some("1"), Some(status), _) => Some(status as i32),
+        (Some("1"), None, Some(signal)) => Some(128 + signal as i32),
+        _ => None,
+    };
+    PaneState { exited, activity }
+}
+
+/// The exit status of a zombie process, from field 52 (`exit_code`, a wait(2) status) of
+/// `/proc/PID/stat`; 128+N for a death by signal N, as for a shell.
+fn zombie_exit_status(pid: u32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    parse_zombie_stat(&stat)
+}
+
+fn parse_zombie_stat(stat: &str) -> Option<i32> {
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    if fields.first() != Some(&"Z") {
+        return None;
+    }
+    let status: i32 = fields.get(49)?.parse().ok()?;
+    Some(if status & 0x7f == 0 {
+        (status >> 8) & 0xff
+    } else {
+        128 + (status & 0x7f)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn zombie_status_comes_from_the_exit_code_field() {
+        let mut fields = vec!["0"; 50];
+        fields[0] = "Z";
+        fields[49] = "768"; // exit(3)
+        let stat = format!("4242 (sh (x)) {}", fields.join(" "));
+        assert_eq!(parse_zombie_stat(&stat), Some(3));
+        fields[49] = "9"; // SIGKILL
+        let stat = format!("4242 (sh) {}", fields.join(" "));
+        assert_eq!(parse_zombie_stat(&stat), Some(137));
+        fields[0] = "S";
+        let stat = format!("4242 (sh) {}", fields.join(" "));
+        assert_eq!(
+            parse_zombie_stat(&stat),
+            None,
+            "a live process has no status"
+        );
+    }
+
+    #[test]
+    fn pane_state_keeps_empty_fields_in_place() {
+        assert_eq!(
+            parse_pane_state("0:::1700000000"),
+            PaneState {
+                exited: None,
+                activity: 1_700_000_000
+            }
+        );
+        assert_eq!(
+            parse_pane_state("1:3::1700000000"),
+            PaneState {
+                exited: Some(3),
+                activity: 1_700_000_000
+            }
+        );
+        assert_eq!(
+            parse_pane_state("1::9:1700000000"),
+            PaneState {
+                exited: Some(137),
+                activity: 1_700_000_000
+            }
+        );
+        // Dead, status not known yet: poll again rather than invent one.
+        assert_eq!(
+            parse_pane_state("1:::1700000000"),
+            PaneState {
+                exited: None,
+                activity: 1_700_000_000
+            }
+        );
     }
 }
