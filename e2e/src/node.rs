@@ -199,7 +199,9 @@ async fn run_pod(node: Arc<NodeState>, pod: Pod, mut updates: watch::Receiver<Op
         return;
     };
     let pod_ip = node.allocate_ip();
-    let pod_dir = node.opts.dir.join(format!("{ns}_{name}_{uid}"));
+    // Short: tmux and other programs put unix sockets under these paths, and a socket path
+    // must fit in 108 bytes. `pod` (namespace/name) is in the pod's own log and status.
+    let pod_dir = node.opts.dir.join(&uid[..uid.len().min(8)]);
     let prepared = match prepare(&node.opts, &pod, &container, pod_ip, &pod_dir) {
         Ok(p) => p,
         Err(message) => {
@@ -351,7 +353,7 @@ fn prepare(
                 mount.name
             ));
         }
-        let host = pod_dir.join("volumes").join(&mount.name);
+        let host = pod_dir.join("v").join(&mount.name);
         std::fs::create_dir_all(&host).map_err(|e| format!("creating {}: {e}", host.display()))?;
         mounts.push((mount.mount_path.trim_end_matches('/').to_string(), host));
     }

@@ -157,7 +157,7 @@ async fn pods_run_as_local_processes_with_kubelet_status() {
     assert_eq!(state.exit_code, 3);
     let message = state.message.unwrap_or_default();
     assert!(
-        message.starts_with("scratch=/") && message.trim_end().ends_with("/volumes/tmp/here"),
+        message.starts_with("scratch=/") && message.trim_end().ends_with("/v/tmp/here"),
         "the termination message went through the translated paths: {message:?}"
     );
 
