@@ -28,6 +28,10 @@ use crate::{Config, Error, Outcome, Result, TerminationMessage};
 
 /// How often tmux is polled for the shell's state and idle clients are reaped.
 const POLL: Duration = Duration::from_millis(250);
+/// How long a dead pane may lack an exit status before the agent ends without one.
+const DEAD_WITHOUT_STATUS: Duration = Duration::from_secs(2);
+/// Reported when the shell's exit status could not be learned.
+pub const UNKNOWN_EXIT_STATUS: i32 = -1;
 /// A connection must send `OPEN` or `RESUME` within this.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// WebSocket pings keep proxies from cutting idle connections…
@@ -148,6 +152,7 @@ async fn serve(
 /// Polls tmux for the shell's exit and idleness, reaps clients past their grace period.
 async fn supervise(agent: &Arc<Agent>, shutdown: impl Future<Output = ()>) -> Result<Outcome> {
     let mut tick = tokio::time::interval(POLL);
+    let mut dead_since = None;
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
@@ -157,6 +162,17 @@ async fn supervise(agent: &Arc<Agent>, shutdown: impl Future<Output = ()>) -> Re
         let state = agent.tmux.pane_state().await?;
         if let Some(code) = state.exited {
             return Ok(Outcome::ShellExited { code });
+        }
+        // tmux 3.3 sometimes never learns the status of a dead pane; do not wait forever.
+        match (state.dead, dead_since) {
+            (true, None) => dead_since = Some(Instant::now()),
+            (true, Some(t)) if t.elapsed() >= DEAD_WITHOUT_STATUS => {
+                warn!("the shell exited but tmux has no exit status for it");
+                return Ok(Outcome::ShellExited {
+                    code: UNKNOWN_EXIT_STATUS,
+                });
+            }
+            _ => {}
         }
         if let Some(idle) = agent.cfg.idle_timeout {
             let now = SystemTime::now()

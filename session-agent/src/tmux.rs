@@ -51,6 +51,8 @@ pub struct Tmux {
 pub struct PaneState {
     /// `Some(status)` once the shell has exited (128+signal if killed by a signal).
     pub exited: Option<i32>,
+    /// The pane is dead, whether or not tmux knows the status yet.
+    pub dead: bool,
     /// Seconds since the epoch of the last output in the window.
     pub activity: u64,
 }
@@ -221,7 +223,11 @@ fn parse_pane_state(line: &str) -> PaneState {
         (Some("1"), None, Some(signal)) => Some(128 + signal as i32),
         _ => None,
     };
-    PaneState { exited, activity }
+    PaneState {
+        exited,
+        dead: f.first() == Some(&"1"),
+        activity,
+    }
 }
 
 /// The exit status of a zombie process, from field 52 (`exit_code`, a wait(2) status) of
@@ -271,34 +277,15 @@ mod tests {
 
     #[test]
     fn pane_state_keeps_empty_fields_in_place() {
-        assert_eq!(
-            parse_pane_state("0:::1700000000"),
-            PaneState {
-                exited: None,
-                activity: 1_700_000_000
-            }
-        );
-        assert_eq!(
-            parse_pane_state("1:3::1700000000"),
-            PaneState {
-                exited: Some(3),
-                activity: 1_700_000_000
-            }
-        );
-        assert_eq!(
-            parse_pane_state("1::9:1700000000"),
-            PaneState {
-                exited: Some(137),
-                activity: 1_700_000_000
-            }
-        );
+        let state = |exited, dead| PaneState {
+            exited,
+            dead,
+            activity: 1_700_000_000,
+        };
+        assert_eq!(parse_pane_state("0:::1700000000"), state(None, false));
+        assert_eq!(parse_pane_state("1:3::1700000000"), state(Some(3), true));
+        assert_eq!(parse_pane_state("1::9:1700000000"), state(Some(137), true));
         // Dead, status not known yet: poll again rather than invent one.
-        assert_eq!(
-            parse_pane_state("1:::1700000000"),
-            PaneState {
-                exited: None,
-                activity: 1_700_000_000
-            }
-        );
+        assert_eq!(parse_pane_state("1:::1700000000"), state(None, true));
     }
 }

@@ -74,7 +74,7 @@ fn the_binary_exits_cleanly_with_a_termination_message() {
     let dir = tempfile::tempdir().unwrap();
     let (_, public) = tether_protocol::ticket::generate_keypair();
     let term = dir.path().join("termination-log");
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_tether-session-agent"))
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_tether-session-agent"))
         .env("TETHER_LISTEN", "127.0.0.1:0")
         .env("TETHER_SESSION", "ns/name")
         .env("TETHER_SESSION_UID", "uid")
@@ -82,8 +82,19 @@ fn the_binary_exits_cleanly_with_a_termination_message() {
         .env("TETHER_STATE_DIR", dir.path().join("state"))
         .env("TETHER_TERMINATION_MESSAGE_PATH", &term)
         .env("TETHER_COMMAND", r#"["sh", "-c", "sleep 0.3; exit 3"]"#)
-        .output()
+        .stderr(std::process::Stdio::piped())
+        .spawn()
         .unwrap();
+    // Bounded: an agent that never exits fails the test instead of hanging it.
+    let deadline = std::time::Instant::now() + STEP;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the agent did not exit");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().unwrap();
     assert!(
         out.status.success(),
         "{}",
