@@ -228,7 +228,10 @@ fn build_page(root: &Path) -> anyhow::Result<()> {
 
 fn test(no_lint: bool, cargo_test_args: &[String]) -> anyhow::Result<()> {
     let root = binaries::repo_root();
-    ensure_debian_packages(&["tmux"])?;
+    // tmux for the agent's tests, Chromium for the browser tests.
+    ensure_debian_packages(&["tmux", "chromium"])?;
+    // Before any cargo build: the gateway embeds the page at compile time.
+    build_page(&root)?;
     step("building the control plane (cached after the first run)");
     let bins = binaries::ensure()?;
     let bin_dir = bins
