@@ -1,7 +1,7 @@
 //! The mission end to end on one machine: `kubectl apply` of the examples → the operator makes a
 //! restricted pod → the local node runs the agent → `kubectl wait --for=condition=Ready` →
 //! headless Chromium signs in at the gateway as alice, types a command and sees its output,
-//! an observer watches without typing, and the gateway restarts mid-stream without losing or
+//! bob (bound only to observe) watches without typing, and the gateway restarts mid-stream without losing or
 //! repeating a line. Around it: an operator crash disturbs no live session, an idle session
 //! reaches Expired, a shell exit reaches Succeeded.
 
@@ -147,6 +147,14 @@ async fn a_session_goes_from_kubectl_apply_to_a_browser_and_ends_honestly() {
         .unwrap()
         .token
         .clone();
+    // bob is bound only to tether-viewer (examples/shared.yaml): he may observe, never type.
+    let bob = stack
+        .users
+        .iter()
+        .find(|u| u.user == "bob")
+        .unwrap()
+        .token
+        .clone();
     let script = repo_root().join("ws-gateway/web/test/browser.mjs");
     let shots = stack.dir().join("browser");
     let mut node = Command::new("node")
@@ -155,6 +163,7 @@ async fn a_session_goes_from_kubectl_apply_to_a_browser_and_ends_honestly() {
         .env("TETHER_TOKEN", &alice)
         .env("TETHER_SESSION", "tether-demo/basic")
         .env("TETHER_OBSERVE", "1")
+        .env("TETHER_OBSERVER_TOKEN", &bob)
         .env("TETHER_RESUME_LINES", "200")
         .env("TETHER_RESUME_DELAY", "0.02")
         .env("TETHER_RESTART_VIA_STDIO", "1")

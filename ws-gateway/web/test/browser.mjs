@@ -3,6 +3,8 @@
 // marker and sees its output in the terminal buffer (through `window.__tether.transcript()`,
 // no OCR). Optionally:
 //
+//   TETHER_OBSERVER_TOKEN=T the observer signs in with this token instead, in a browser profile
+//                           of its own (another person: its cookie is not the first page's).
 //   TETHER_OBSERVE=1        a second page observes the same session: read-only badge, sees the
 //                           marker too, and its keystrokes never reach the shell.
 //   TETHER_RESUME_LINES=N   prints line-1 … line-N slowly; once the stream is under way it asks
@@ -45,28 +47,36 @@ const since = () => `${((Date.now() - t0) / 1000).toFixed(1)}s`;
 const stdinLines = createInterface({ input: process.stdin });
 const nextStdinLine = () => new Promise((resolve) => stdinLines.once('line', resolve));
 
-const profile = mkdtempSync(join(tmpdir(), 'tether-chromium-'));
-const context = await chromium.launchPersistentContext(profile, {
-  executablePath: env.CHROMIUM || '/usr/bin/chromium',
-  headless: true,
-  args: [
-    '--headless',
-    '--no-sandbox',
-    '--disable-gpu',
-    '--disable-quic',
-    '--no-first-run',
-    '--disable-background-networking',
-    '--disable-component-update',
-    '--disable-sync',
-    '--disable-dev-shm-usage',
-  ],
-  viewport: { width: 1100, height: 700 },
-});
+const profiles = [];
+async function launch() {
+  const profile = mkdtempSync(join(tmpdir(), 'tether-chromium-'));
+  profiles.push(profile);
+  return chromium.launchPersistentContext(profile, {
+    executablePath: env.CHROMIUM || '/usr/bin/chromium',
+    headless: true,
+    args: [
+      '--headless',
+      '--no-sandbox',
+      '--disable-gpu',
+      '--disable-quic',
+      '--no-first-run',
+      '--disable-background-networking',
+      '--disable-component-update',
+      '--disable-sync',
+      '--disable-dev-shm-usage',
+    ],
+    viewport: { width: 1100, height: 700 },
+  });
+}
+const context = await launch();
+const OBSERVER_TOKEN = env.TETHER_OBSERVER_TOKEN ?? '';
+const observerContext = OBSERVER_TOKEN ? await launch() : context;
+
 const pages = [];
 let failed = false;
 
-async function newPage(label) {
-  const page = await context.newPage();
+async function newPage(label, ctx = context) {
+  const page = await ctx.newPage();
   page.setDefaultTimeout(STEP);
   // Ask the page to keep the raw output stream, for the byte-exact resume check.
   await page.addInitScript(() => {
@@ -93,11 +103,11 @@ async function waitFor(page, what, fn, arg) {
   }
 }
 
-async function signIn(page) {
+async function signIn(page, token = TOKEN) {
   await page.goto(`${BASE}/`);
   await waitFor(page, 'the sign-in form or the session list', () => ['login', 'sessions'].includes(window.__tether?.view));
   if ((await hook(page, () => window.__tether.view)) === 'login') {
-    await page.fill('#token', TOKEN);
+    await page.fill('#token', token);
     await page.click('#login-submit');
     await waitFor(page, 'the session list after sign-in', () => window.__tether.view === 'sessions');
   }
@@ -152,8 +162,8 @@ try {
 
   let observer = null;
   if (OBSERVE) {
-    observer = await newPage('observe');
-    const orow = await signIn(observer);
+    observer = await newPage('observe', observerContext);
+    const orow = await signIn(observer, OBSERVER_TOKEN || TOKEN);
     await openTerminal(observer, orow, 'observe');
   }
 
@@ -249,7 +259,8 @@ try {
   }
 } finally {
   await context.close().catch(() => {});
-  rmSync(profile, { recursive: true, force: true });
+  if (observerContext !== context) await observerContext.close().catch(() => {});
+  for (const profile of profiles) rmSync(profile, { recursive: true, force: true });
   stdinLines.close();
 }
 process.exit(failed ? 1 : 0);
