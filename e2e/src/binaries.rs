@@ -61,6 +61,15 @@ pub struct Binaries {
 }
 
 impl Binaries {
+    /// Puts helm's caches, config and plugins in a directory of Tether's own, so neither the
+    /// tests nor `cargo dev up` read or write the user's helm setup. Other programs ignore it.
+    pub fn isolate_helm(cmd: &mut Command) -> &mut Command {
+        let home = std::env::temp_dir().join("tether-helm");
+        cmd.env("HELM_CACHE_HOME", home.join("cache"))
+            .env("HELM_CONFIG_HOME", home.join("config"))
+            .env("HELM_DATA_HOME", home.join("data"))
+    }
+
     fn in_dir(dir: &Path) -> Self {
         Self {
             etcd: dir.join("etcd"),

@@ -331,23 +331,11 @@ pub fn build_binaries() -> anyhow::Result<PathBuf> {
 /// roles and bindings, rendered by helm from `charts/tether`.
 async fn apply_chart_rbac(cp: &ControlPlane) -> anyhow::Result<()> {
     let bins = binaries::ensure()?;
-    let out = Command::new(&bins.helm)
+    let out = binaries::Binaries::isolate_helm(&mut Command::new(&bins.helm))
         .args(["template", "tether"])
         .arg(binaries::repo_root().join("charts/tether"))
         .args(["--namespace", SYSTEM_NAMESPACE, "--include-crds"])
         .args(["--kube-version", binaries::KUBERNETES_VERSION])
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("tether-helm/cache"),
-        )
-        .env(
-            "HELM_CONFIG_HOME",
-            std::env::temp_dir().join("tether-helm/config"),
-        )
-        .env(
-            "HELM_DATA_HOME",
-            std::env::temp_dir().join("tether-helm/data"),
-        )
         .output()
         .context("running helm template")?;
     if !out.status.success() {

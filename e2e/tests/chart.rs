@@ -29,20 +29,8 @@ fn run(
             Stdio::null()
         })
         .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        // helm keeps caches and plugins under HOME; keep the tests out of the user's.
-        .env(
-            "HELM_CACHE_HOME",
-            std::env::temp_dir().join("tether-helm/cache"),
-        )
-        .env(
-            "HELM_CONFIG_HOME",
-            std::env::temp_dir().join("tether-helm/config"),
-        )
-        .env(
-            "HELM_DATA_HOME",
-            std::env::temp_dir().join("tether-helm/data"),
-        );
+        .stderr(Stdio::piped());
+    binaries::Binaries::isolate_helm(&mut cmd);
     if let Some(k) = kubeconfig {
         cmd.env("KUBECONFIG", k);
     }
