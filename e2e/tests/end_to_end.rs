@@ -61,22 +61,31 @@ async fn wait_phase(
     );
 }
 
+/// The page and the browser driver come from ws-gateway/web's lockfile. The page must exist
+/// before the stack builds the gateway, which embeds it at compile time.
 fn ensure_browser_tooling() {
     let web = repo_root().join("ws-gateway/web");
-    if !web.join("node_modules").exists() {
+    let npm = |args: &[&str]| {
         let ok = Command::new("npm")
-            .args(["ci", "--no-audit", "--no-fund"])
+            .args(args)
             .current_dir(&web)
             .status()
             .unwrap()
             .success();
-        assert!(ok, "npm ci in ws-gateway/web failed");
+        assert!(ok, "npm {} in ws-gateway/web failed", args.join(" "));
+    };
+    if !web.join("node_modules").exists() {
+        npm(&["ci", "--no-audit", "--no-fund"]);
+    }
+    if !web.join("dist/index.html").exists() {
+        npm(&["run", "build"]);
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_goes_from_kubectl_apply_to_a_browser_and_ends_honestly() {
     let cp = ControlPlane::shared().await;
+    ensure_browser_tooling();
     let mut stack = Stack::start(
         cp,
         StackOptions {
@@ -138,8 +147,7 @@ async fn a_session_goes_from_kubectl_apply_to_a_browser_and_ends_honestly() {
         pod_uid
     );
 
-    // The browser: alice attaches, an observer page watches, the gateway restarts mid-stream.
-    ensure_browser_tooling();
+    // The browser: alice attaches, bob observes, the gateway restarts mid-stream.
     let alice = stack
         .users
         .iter()
