@@ -214,7 +214,7 @@ fn build_module(
         .args(["list", "-deps", packages])
         .current_dir(&dir)
         .output()
-        .map_err(|e| BuildError::Go(format!("cannot run `go` ({e}); install Go 1.24 or newer")))?;
+        .map_err(|e| BuildError::Go(format!("cannot run `go` ({e}); install Go 1.26 or newer")))?;
     if !total.status.success() {
         return Err(BuildError::Go(format!(
             "`go list` failed in {}:\n{}",
