@@ -54,10 +54,15 @@ pub struct NodeOptions {
     pub ip_octet: u8,
 }
 
-/// Runs the local node until the future is dropped or the API server becomes unreachable for
-/// good. Pods' processes are killed when this future is dropped (they die with the runtime's
-/// tasks and, at the latest, with this process).
-pub async fn run(client: Client, opts: NodeOptions) -> anyhow::Result<()> {
+/// Runs the local node until `shutdown` completes, the future is dropped, or the watch ends.
+/// On `shutdown` every pod's process gets SIGTERM and a few seconds to stop, as when a kubelet
+/// drains: a session agent then stops its tmux server, which would otherwise, daemonized,
+/// outlive it. Dropped without shutdown, the processes are SIGKILLed with this process.
+pub async fn run(
+    client: Client,
+    opts: NodeOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&opts.dir)?;
     register(&client, &opts.name).await?;
     let heartbeat = tokio::spawn(heartbeat(client.clone(), opts.name.clone()));
@@ -65,13 +70,22 @@ pub async fn run(client: Client, opts: NodeOptions) -> anyhow::Result<()> {
         client: client.clone(),
         opts,
         next_ip: Mutex::new(2),
+        pids: Mutex::new(std::collections::HashSet::new()),
     });
     let pods: Api<Pod> = Api::all(client);
     let config = watcher::Config::default().fields(&format!("spec.nodeName={}", node.opts.name));
     let mut running: HashMap<String, watch::Sender<Option<Pod>>> = HashMap::new();
     let mut events = watcher(pods, config).default_backoff().boxed();
+    tokio::pin!(shutdown);
     let result = loop {
-        let event = match events.try_next().await {
+        let next = tokio::select! {
+            next = events.try_next() => next,
+            () = &mut shutdown => {
+                node.stop_all_pods().await;
+                break Ok(());
+            }
+        };
+        let event = match next {
             Ok(Some(event)) => event,
             Ok(None) => break Ok(()),
             Err(e) => break Err(anyhow::anyhow!("watching pods: {e}")),
@@ -99,9 +113,35 @@ struct NodeState {
     client: Client,
     opts: NodeOptions,
     next_ip: Mutex<u32>,
+    /// Processes of running pods, for a graceful stop of the whole node.
+    pids: Mutex<std::collections::HashSet<u32>>,
 }
 
 impl NodeState {
+    /// SIGTERM to every pod's process, then up to four seconds for them to exit (whoever stops
+    /// the node SIGKILLs it after five).
+    async fn stop_all_pods(&self) {
+        let pids: Vec<u32> = self
+            .pids
+            .lock()
+            .expect("pids lock")
+            .iter()
+            .copied()
+            .collect();
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(4);
+        while tokio::time::Instant::now() < deadline
+            && !self.pids.lock().expect("pids lock").is_empty()
+        {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     fn allocate_ip(&self) -> Ipv4Addr {
         let mut next = self.next_ip.lock().expect("ip lock");
         let n = *next;
@@ -241,6 +281,12 @@ async fn run_pod(node: Arc<NodeState>, pod: Pod, mut updates: watch::Receiver<Op
             return;
         }
     };
+    let pid = child.id();
+    if let Some(pid) = pid {
+        node.pids.lock().expect("pids lock").insert(pid);
+    }
+    // Forgets the pid however this task ends.
+    let _forget = ForgetPid(&node, pid);
     let probe = container
         .readiness_probe
         .as_ref()
@@ -315,6 +361,16 @@ async fn run_pod(node: Arc<NodeState>, pod: Pod, mut updates: watch::Receiver<Op
                     patch_status(&pods, &name, running_status(&container, pod_ip, started_at, ready)).await;
                 }
             }
+        }
+    }
+}
+
+struct ForgetPid<'a>(&'a NodeState, Option<u32>);
+
+impl Drop for ForgetPid<'_> {
+    fn drop(&mut self) {
+        if let Some(pid) = self.1 {
+            self.0.pids.lock().expect("pids lock").remove(&pid);
         }
     }
 }

@@ -31,7 +31,7 @@ async fn start_node(cp: &'static ControlPlane) {
                     bin_dirs: vec![],
                     ip_octet: 9,
                 };
-                if let Err(e) = node::run(client, opts).await {
+                if let Err(e) = node::run(client, opts, std::future::pending()).await {
                     eprintln!("local node stopped: {e:#}");
                 }
             });

@@ -196,6 +196,14 @@ fn local_node(
     let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     rt.block_on(async {
         let client = tether_e2e::client_from_kubeconfig(&kubeconfig).await;
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("listening for SIGTERM")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        };
         node::run(
             client,
             NodeOptions {
@@ -204,6 +212,7 @@ fn local_node(
                 bin_dirs,
                 ip_octet: 1,
             },
+            shutdown,
         )
         .await
     })
