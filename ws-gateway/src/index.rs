@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::runtime::watcher;
@@ -62,12 +63,20 @@ impl SessionView {
     }
 }
 
+/// How long the index remembers that a session was deleted, so a browser still attached to it
+/// is told "deleted" rather than "no such session".
+pub const TOMBSTONE_TTL: Duration = Duration::from_secs(15 * 60);
+/// At most this many deletions are remembered; the oldest go first.
+pub const TOMBSTONE_CAP: usize = 4096;
+
 /// The in-memory index.
 #[derive(Debug, Default)]
 pub struct Index {
     sessions: BTreeMap<(String, String), SessionView>,
     /// Objects seen during a re-list, swapped in when it completes.
     relisting: Option<BTreeMap<(String, String), SessionView>>,
+    /// Recently deleted sessions and when the gateway learned it.
+    deleted: BTreeMap<(String, String), Instant>,
     synced: bool,
 }
 
@@ -85,13 +94,49 @@ impl Index {
             tracing::warn!(name = %s.name_any(), "skipping a session without namespace or uid");
             return;
         };
-        self.sessions
-            .insert((view.namespace.clone(), view.name.clone()), view);
+        let key = (view.namespace.clone(), view.name.clone());
+        self.deleted.remove(&key);
+        self.sessions.insert(key, view);
     }
 
     pub fn delete(&mut self, namespace: &str, name: &str) {
-        self.sessions
-            .remove(&(namespace.to_owned(), name.to_owned()));
+        self.delete_at(namespace, name, Instant::now());
+    }
+
+    /// Removes a session and remembers, until [`TOMBSTONE_TTL`] after `now`, that it was deleted.
+    pub fn delete_at(&mut self, namespace: &str, name: &str, now: Instant) {
+        let key = (namespace.to_owned(), name.to_owned());
+        if self.sessions.remove(&key).is_some() {
+            self.remember_deleted(key, now);
+        }
+    }
+
+    fn remember_deleted(&mut self, key: (String, String), now: Instant) {
+        self.deleted
+            .retain(|_, at| now.saturating_duration_since(*at) < TOMBSTONE_TTL);
+        while self.deleted.len() >= TOMBSTONE_CAP {
+            let Some(oldest) = self
+                .deleted
+                .iter()
+                .min_by_key(|(_, at)| **at)
+                .map(|(k, _)| k.clone())
+            else {
+                break;
+            };
+            self.deleted.remove(&oldest);
+        }
+        self.deleted.insert(key, now);
+    }
+
+    /// How long ago the gateway saw this session deleted, if it did within [`TOMBSTONE_TTL`] and
+    /// no session of that name exists again.
+    pub fn deleted_since(&self, namespace: &str, name: &str, now: Instant) -> Option<Duration> {
+        let key = (namespace.to_owned(), name.to_owned());
+        if self.sessions.contains_key(&key) {
+            return None;
+        }
+        let ago = now.saturating_duration_since(*self.deleted.get(&key)?);
+        (ago < TOMBSTONE_TTL).then_some(ago)
     }
 
     /// A re-list starts: collect into a fresh map so deletions missed while disconnected vanish.
@@ -109,9 +154,19 @@ impl Index {
     }
 
     /// The re-list is complete: it replaces the old content and the index counts as synced.
+    /// Sessions missing from it were deleted while the watch was away.
     pub fn relist_done(&mut self) {
         if let Some(fresh) = self.relisting.take() {
-            self.sessions = fresh;
+            let now = Instant::now();
+            let old = std::mem::replace(&mut self.sessions, fresh);
+            for key in old.into_keys() {
+                if !self.sessions.contains_key(&key) {
+                    self.remember_deleted(key, now);
+                }
+            }
+            for key in self.sessions.keys() {
+                self.deleted.remove(key);
+            }
         }
         self.synced = true;
     }
@@ -273,6 +328,61 @@ mod tests {
         idx.handle(watcher::Event::InitDone);
         assert!(idx.get("a", "old").is_none());
         assert!(idx.get("a", "new").is_some());
+    }
+
+    #[test]
+    fn a_deleted_session_is_remembered_until_it_returns_or_the_tombstone_expires() {
+        let mut idx = Index::default();
+        let t0 = Instant::now();
+        assert_eq!(idx.deleted_since("a", "dev", t0), None);
+        idx.apply(&session("a", "dev"));
+        idx.delete_at("a", "dev", t0);
+        let later = t0 + Duration::from_secs(30);
+        assert_eq!(
+            idx.deleted_since("a", "dev", later),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(idx.deleted_since("a", "other", later), None);
+        assert_eq!(idx.deleted_since("a", "dev", t0 + TOMBSTONE_TTL), None);
+        // Created again under the same name: it exists, so it is not "deleted".
+        idx.apply(&session("a", "dev"));
+        assert_eq!(idx.deleted_since("a", "dev", later), None);
+        // Deleting what the index never held leaves no tombstone.
+        idx.delete_at("a", "never", t0);
+        assert_eq!(idx.deleted_since("a", "never", later), None);
+    }
+
+    #[test]
+    fn tombstones_are_bounded_and_the_oldest_go_first() {
+        let mut idx = Index::default();
+        let t0 = Instant::now();
+        for i in 0..TOMBSTONE_CAP + 10 {
+            let name = format!("s{i}");
+            idx.apply(&session("a", &name));
+            idx.delete_at("a", &name, t0 + Duration::from_millis(i as u64));
+        }
+        assert_eq!(idx.deleted.len(), TOMBSTONE_CAP);
+        let now = t0 + Duration::from_secs(60);
+        assert_eq!(idx.deleted_since("a", "s0", now), None);
+        assert!(
+            idx.deleted_since("a", &format!("s{}", TOMBSTONE_CAP + 9), now)
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn a_relist_remembers_sessions_that_vanished_while_the_watch_was_away() {
+        let mut idx = Index::default();
+        idx.handle(watcher::Event::Init);
+        idx.handle(watcher::Event::InitApply(session("a", "gone")));
+        idx.handle(watcher::Event::InitApply(session("a", "kept")));
+        idx.handle(watcher::Event::InitDone);
+        idx.handle(watcher::Event::Init);
+        idx.handle(watcher::Event::InitApply(session("a", "kept")));
+        idx.handle(watcher::Event::InitDone);
+        let now = Instant::now();
+        assert!(idx.deleted_since("a", "gone", now).is_some());
+        assert_eq!(idx.deleted_since("a", "kept", now), None);
     }
 
     #[test]

@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use crate::Gateway;
 use crate::authn::{AuthError, UserInfo};
+use crate::index::SessionView;
 use crate::limits::origin_allowed;
 use crate::metrics::ModeLabel;
 use crate::proxy::{ProxySettings, proxy};
@@ -98,6 +99,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/api/logout", post(logout))
         .route("/api/whoami", get(whoami))
         .route("/api/sessions", get(sessions))
+        .route("/api/sessions/{namespace}/{name}", get(session_status))
         .route("/ws/{namespace}/{name}", get(websocket))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
@@ -377,6 +379,142 @@ struct WsQuery {
     mode: Option<String>,
 }
 
+/// Whether `user` may open `namespace/name` in `mode` now: the RBAC decision first (so nothing
+/// about a session leaks to someone who may not see it), then the index. On refusal, the
+/// handshake-failure label and the error the user reads.
+async fn admit(
+    gw: &Gateway,
+    user: &UserInfo,
+    namespace: &str,
+    name: &str,
+    mode: Mode,
+) -> Result<(SessionView, String), (&'static str, ApiError)> {
+    let decision = gw
+        .authz
+        .check(user, namespace, name, mode)
+        .await
+        .map_err(|e| {
+            (
+                "authz_unavailable",
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+            )
+        })?;
+    if !decision.allowed {
+        tracing::info!(user = %user.user, %namespace, %name, mode = mode.as_str(), "denied");
+        return Err((
+            "forbidden",
+            ApiError::new(StatusCode::FORBIDDEN, decision.reason),
+        ));
+    }
+    let index = gw.index.read().unwrap_or_else(|p| p.into_inner());
+    let Some(session) = index.get(namespace, name).cloned() else {
+        if let Some(ago) = index.deleted_since(namespace, name, std::time::Instant::now()) {
+            return Err((
+                "deleted",
+                ApiError {
+                    status: StatusCode::GONE,
+                    body: json!({
+                        "error": format!(
+                            "terminal session {namespace}/{name} was deleted {}",
+                            words_for(ago)
+                        ),
+                        "phase": "Deleted",
+                    }),
+                },
+            ));
+        }
+        return Err((
+            "not_found",
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("no terminal session {name} in namespace {namespace}"),
+            ),
+        ));
+    };
+    drop(index);
+    let Some(endpoint) = session.endpoint.clone() else {
+        let transient = matches!(
+            session.phase,
+            SessionPhase::Pending | SessionPhase::Starting
+        );
+        let status = if transient {
+            StatusCode::SERVICE_UNAVAILABLE
+        } else {
+            StatusCode::CONFLICT
+        };
+        let words = if session.message.is_empty() {
+            format!("session {namespace}/{name} is {}, not Ready", session.phase)
+        } else {
+            format!(
+                "session {namespace}/{name} is {}, not Ready: {}",
+                session.phase, session.message
+            )
+        };
+        return Err((
+            "not_ready",
+            ApiError {
+                status,
+                body: json!({"error": words, "phase": session.phase.as_str(), "message": session.message}),
+            },
+        ));
+    };
+    Ok((session, endpoint))
+}
+
+/// "just now", "40 s ago", "3 min ago", "2 h ago": how long ago, as a person says it.
+fn words_for(ago: Duration) -> String {
+    match ago.as_secs() {
+        s if s < 5 => "just now".into(),
+        s if s < 120 => format!("{s} s ago"),
+        s if s < 7200 => format!("{} min ago", s / 60),
+        s => format!("{} h ago", s / 3600),
+    }
+}
+
+#[derive(Deserialize)]
+struct SessionQuery {
+    mode: Option<String>,
+}
+
+/// `GET /api/sessions/{namespace}/{name}?mode=attach|observe`: the answer the WebSocket upgrade
+/// would give, as JSON. The page asks it when an upgrade fails (a browser only sees code 1006)
+/// to tell "deleted", "not allowed" or "not Ready" from a network cut.
+async fn session_status(
+    State(gw): State<Arc<Gateway>>,
+    Path((namespace, name)): Path<(String, String)>,
+    Query(q): Query<SessionQuery>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let user = user_from_request(&gw, &headers).await?;
+    let mode = parse_mode(q.mode.as_deref())?;
+    let (session, _) = admit(&gw, &user, &namespace, &name, mode)
+        .await
+        .map_err(|(_, e)| e)?;
+    let mut r = Json(json!({
+        "namespace": session.namespace,
+        "name": session.name,
+        "phase": session.phase.as_str(),
+        "ready": true,
+        "message": session.message,
+        "mode": mode.as_str(),
+    }))
+    .into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
+}
+
+fn parse_mode(mode: Option<&str>) -> Result<Mode, ApiError> {
+    match mode {
+        None | Some("attach") => Ok(Mode::Attach),
+        Some("observe") => Ok(Mode::Observe),
+        Some(other) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("mode {other:?} is neither attach nor observe"),
+        )),
+    }
+}
+
 fn refuse(gw: &Gateway, reason: &'static str, e: ApiError) -> ApiError {
     gw.metrics.handshake_failed(reason);
     e
@@ -442,20 +580,7 @@ async fn websocket(
             ),
         ));
     }
-    let mode = match q.mode.as_deref() {
-        None | Some("attach") => Mode::Attach,
-        Some("observe") => Mode::Observe,
-        Some(other) => {
-            return Err(refuse(
-                &gw,
-                "bad_request",
-                ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("mode {other:?} is neither attach nor observe"),
-                ),
-            ));
-        }
-    };
+    let mode = parse_mode(q.mode.as_deref()).map_err(|e| refuse(&gw, "bad_request", e))?;
 
     let token = bearer_protocol_token(&protocols).or_else(|| cookie_token(&headers));
     let Some(token) = token else {
@@ -465,68 +590,9 @@ async fn websocket(
         Ok(u) => u,
         Err(e) => return Err(refuse(&gw, e.label(), e.into())),
     };
-    let decision = gw
-        .authz
-        .check(&user, &namespace, &name, mode)
+    let (session, endpoint) = admit(&gw, &user, &namespace, &name, mode)
         .await
-        .map_err(|e| {
-            refuse(
-                &gw,
-                "authz_unavailable",
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
-            )
-        })?;
-    if !decision.allowed {
-        tracing::info!(user = %user.user, %namespace, %name, mode = mode.as_str(), "denied");
-        return Err(refuse(
-            &gw,
-            "forbidden",
-            ApiError::new(StatusCode::FORBIDDEN, decision.reason),
-        ));
-    }
-    let session = gw
-        .index
-        .read()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&namespace, &name)
-        .cloned();
-    let Some(session) = session else {
-        return Err(refuse(
-            &gw,
-            "not_found",
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                format!("no terminal session {name} in namespace {namespace}"),
-            ),
-        ));
-    };
-    let Some(endpoint) = session.endpoint.clone() else {
-        let transient = matches!(
-            session.phase,
-            SessionPhase::Pending | SessionPhase::Starting
-        );
-        let status = if transient {
-            StatusCode::SERVICE_UNAVAILABLE
-        } else {
-            StatusCode::CONFLICT
-        };
-        let words = if session.message.is_empty() {
-            format!("session {namespace}/{name} is {}, not Ready", session.phase)
-        } else {
-            format!(
-                "session {namespace}/{name} is {}, not Ready: {}",
-                session.phase, session.message
-            )
-        };
-        return Err(refuse(
-            &gw,
-            "not_ready",
-            ApiError {
-                status,
-                body: json!({"error": words, "phase": session.phase.as_str(), "message": session.message}),
-            },
-        ));
-    };
+        .map_err(|(reason, e)| refuse(&gw, reason, e))?;
     let Some(slot) = gw.conns.acquire(&user.user) else {
         return Err(refuse(
             &gw,

@@ -349,6 +349,76 @@ async fn an_unknown_session_is_404_and_one_not_ready_says_its_phase_and_message(
     assert_eq!(body["phase"], "Succeeded");
 }
 
+/// The page asks `GET /api/sessions/{ns}/{name}?mode=` when an upgrade fails (a browser sees
+/// only 1006) and shows the words; they must be the same answer the upgrade gives.
+#[tokio::test]
+async fn a_deleted_session_is_410_and_the_status_endpoint_gives_the_upgrades_answer() {
+    let gw = TestGateway::start(&[]).await;
+    let status = |token: &'static str, path: String| {
+        let gw = &gw;
+        async move {
+            let (code, _, body) = gw
+                .http(
+                    "GET",
+                    &path,
+                    &[("Cookie", &format!("tether_token={token}"))],
+                    "",
+                )
+                .await;
+            let body: serde_json::Value =
+                serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
+            (code, body)
+        }
+    };
+    let url = |name: &str, mode: &str| format!("/api/sessions/{NS}/{name}?mode={mode}");
+
+    // Ready and allowed: 200, with the phase.
+    let (code, body) = status(ALICE, url(SESSION, "attach")).await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["phase"], "Ready");
+    assert_eq!(body["mode"], "attach");
+    // bob may observe, not attach; carol may do neither; a bad mode is a 400 that says so.
+    assert_eq!(status(BOB, url(SESSION, "observe")).await.0, 200);
+    assert_eq!(status(BOB, url(SESSION, "attach")).await.0, 403);
+    assert_eq!(status(CAROL, url(SESSION, "observe")).await.0, 403);
+    let (code, body) = status(ALICE, url(SESSION, "write")).await;
+    assert_eq!(code, 400);
+    assert!(
+        body["error"].as_str().unwrap().contains("\"write\""),
+        "{body}"
+    );
+    // No token: 401, as for the upgrade.
+    let (code, _, _) = gw.http("GET", &url(SESSION, "attach"), &[], "").await;
+    assert_eq!(code, 401);
+
+    // Deleted: 410 with words that say so, from the upgrade and from the status endpoint.
+    gw.index().write().unwrap().delete(NS, SESSION);
+    let (code, body) = gw
+        .ws(&path("attach"), Some(ORIGIN), Some(ALICE))
+        .await
+        .unwrap_err();
+    assert_eq!(code, 410, "{body}");
+    let words = body["error"].as_str().unwrap();
+    assert!(
+        words.contains(&format!("{NS}/{SESSION}")) && words.contains("was deleted"),
+        "{words}"
+    );
+    let (code, body) = status(ALICE, url(SESSION, "attach")).await;
+    assert_eq!(code, 410, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("was deleted"));
+    // Someone who may not see it learns nothing: still 403, not 410.
+    assert_eq!(status(CAROL, url(SESSION, "observe")).await.0, 403);
+    // Never existed: 404.
+    assert_eq!(status(ALICE, url("never", "attach")).await.0, 404);
+    let refused = gw
+        .metric("tether_gateway_handshake_failures_total{reason=\"deleted\"}")
+        .await;
+    assert_eq!(
+        refused, 1.0,
+        "the status endpoint does not count as a failed handshake"
+    );
+}
+
 #[tokio::test]
 async fn the_handshake_rate_is_limited_per_source_address() {
     let gw = TestGateway::start(&["--handshake-rate=2"]).await;

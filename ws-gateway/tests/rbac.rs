@@ -284,7 +284,7 @@ async fn rbac_bindings_decide_attach_and_observe_and_get_is_not_enough() {
         .await;
     assert_eq!(body.trim(), "[]");
 
-    // Deleting the session removes it from the index: 404.
+    // Deleting the session removes it from the index; the gateway remembers it was deleted: 410.
     sessions.delete(SESSION, &Default::default()).await.unwrap();
     tokio::time::timeout(STEP, async {
         while index.read().unwrap().get(&n, SESSION).is_some() {
@@ -298,7 +298,7 @@ async fn rbac_bindings_decide_attach_and_observe_and_get_is_not_enough() {
             .await
             .unwrap_err()
             .0,
-        404
+        410
     );
     watch.abort();
 }

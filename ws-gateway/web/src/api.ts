@@ -25,7 +25,7 @@ async function errorText(r: Response): Promise<string> {
   if (text) {
     try {
       const j = JSON.parse(text) as { error?: string; message?: string; reason?: string };
-      return j.message || j.error || j.reason || text;
+      return j.error || j.message || j.reason || text;
     } catch {
       return text.slice(0, 300);
     }
@@ -61,6 +61,15 @@ export async function logout(): Promise<void> {
 export async function sessions(): Promise<SessionInfo[]> {
   const list = await getJson<SessionInfo[] | { items: SessionInfo[] }>('/api/sessions');
   return Array.isArray(list) ? list : list.items;
+}
+
+/**
+ * The answer the WebSocket upgrade to this session would get now: resolves when it would be
+ * admitted, throws an HttpError with the gateway's words otherwise (401 signed out, 403 not
+ * allowed, 404 unknown, 409 ended, 410 deleted, 503 not Ready yet).
+ */
+export async function sessionStatus(namespace: string, name: string, mode: string): Promise<SessionInfo> {
+  return getJson<SessionInfo>(`/api/sessions/${encodeURIComponent(namespace)}/${encodeURIComponent(name)}?mode=${encodeURIComponent(mode)}`);
 }
 
 /** A display name for whatever /api/whoami returns. */

@@ -16,7 +16,7 @@ import { Unicode11Addon } from '@xterm/addon-unicode11';
 import { WebLinksAddon } from '@xterm/addon-web-links';
 import { WebglAddon } from '@xterm/addon-webgl';
 
-import { HttpError, type SessionInfo, login, logout, sessions, userName, whoami } from './api';
+import { HttpError, type SessionInfo, login, logout, sessionStatus, sessions, userName, whoami } from './api';
 import { type ConnState, Connection } from './connection';
 import type { Mode } from './protocol';
 
@@ -273,21 +273,23 @@ function terminalView(namespace: string, name: string, mode: Mode, renderer: str
     },
     diagnose: async () => {
       try {
-        await whoami();
+        await sessionStatus(namespace, name, mode);
+        return null; // it would be admitted now: the failure was transient, retry
       } catch (e) {
-        if (e instanceof HttpError && e.status === 401) return 'signed out: sign in again';
-        return null; // the gateway is down or restarting: keep trying
+        if (!(e instanceof HttpError)) return null; // the gateway is down or restarting
+        switch (e.status) {
+          case 401:
+            return 'signed out: sign in again';
+          case 403:
+            return `not allowed: ${e.message}`;
+          case 404: // unknown
+          case 409: // ended: Succeeded, Expired or Failed
+          case 410: // deleted
+            return e.message;
+          default:
+            return null; // busy, rate-limited, not Ready yet: retry with backoff
+        }
       }
-      try {
-        const s = (await sessions()).find((x) => x.namespace === namespace && x.name === name);
-        if (!s) return 'no such session, or you may not see it';
-        if (!s.ready) return `the session is ${s.phase}${s.message ? `: ${s.message}` : ''}`;
-        if (mode === 'attach' && !s.canAttach) return 'you may not attach to this session';
-        if (mode === 'observe' && !s.canObserve) return 'you may not observe this session';
-      } catch {
-        return null;
-      }
-      return null;
     },
   });
 

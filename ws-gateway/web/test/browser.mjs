@@ -12,6 +12,9 @@
 //                           `TETHER-BROWSER restart-gateway` on stdout and waits for a line on
 //                           stdin when TETHER_RESTART_VIA_STDIO=1), then checks that every line
 //                           arrived exactly once, in order, after the page resumed.
+//   TETHER_DELETE_VIA_STDIO=1  at the end, prints `TETHER-BROWSER delete-session` and waits for
+//                           a line on stdin (the caller deletes the TerminalSession), then checks
+//                           that every page ends with a message saying the session was deleted.
 //
 // Environment: TETHER_URL (gateway base URL), TETHER_TOKEN (login token), TETHER_SESSION
 // (namespace/name), CHROMIUM (default /usr/bin/chromium), TETHER_TIMEOUT_MS (per step, 30000),
@@ -238,6 +241,17 @@ try {
     log(`${since()} stream and screen: all ${N} lines arrived exactly once (${onScreen.length} on screen) across ${after.connects - before.connects} reconnect(s) (${after.resumes - before.resumes} resume(s))`);
     const state = await hook(page, () => window.__tether.state);
     if (state !== 'live') throw new Error(`state after resume is ${state}`);
+  }
+  // --- the session is deleted under the pages ---------------------------------------------
+  if (env.TETHER_DELETE_VIA_STDIO === '1') {
+    log('delete-session');
+    await nextStdinLine();
+    for (const [label, p] of pages) {
+      await waitFor(p, `${label}: the page to end saying the session was deleted`, () => window.__tether.state === 'ended' && /deleted/.test(window.__tether.detail ?? ''));
+      const banner = await p.locator('#ended-text').textContent();
+      if (!(await p.locator('#ended').isVisible()) || !/deleted/.test(banner ?? '')) throw new Error(`${label}: the ended banner shows ${JSON.stringify(banner)}`);
+      log(`${since()} ${label}: ${banner}`);
+    }
   }
   if (env.TETHER_SCREENSHOT_DIR) {
     mkdirSync(env.TETHER_SCREENSHOT_DIR, { recursive: true });
