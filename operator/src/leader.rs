@@ -2,10 +2,17 @@
 //! replica holding the lease runs the controller. A leader that loses the lease stops its
 //! controller and exits, so it never acts on a stale belief; its supervisor restarts it as a
 //! standby. A leader shutting down releases the lease so a standby takes over at once.
+//!
+//! kube-lease-manager only reports a loss it sees: while the API server is unreachable its
+//! renewals fail and it keeps believing it leads, while a standby that still reaches the server
+//! takes the expired lease. So a leader also runs a watchdog, like client-go's renew deadline: it
+//! reads the Lease itself and steps down when it has not seen its own unexpired hold for long
+//! enough that the lease may expire before it could learn otherwise.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
-use kube::Client;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::{Api, Client};
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
 use tokio::{sync::watch, task::JoinHandle};
 use tracing::{info, warn};
@@ -32,11 +39,17 @@ pub struct LeaseSettings {
 pub struct Leadership {
     state: watch::Receiver<bool>,
     task: JoinHandle<kube_lease_manager::Result<LeaseManager>>,
+    leases: Api<Lease>,
+    settings: LeaseSettings,
+    /// The task behind [`Leadership::lost`]; it holds a receiver of the manager's channel, so it
+    /// must end before the manager can see that nobody listens and release the lease.
+    watching: Option<JoinHandle<()>>,
 }
 
 impl Leadership {
     /// Starts taking part in the election; the lease is created when missing.
     pub async fn start(client: Client, settings: &LeaseSettings) -> Result<Self> {
+        let leases = Api::namespaced(client.clone(), &settings.namespace);
         let manager = LeaseManagerBuilder::new(client, &settings.name)
             .with_namespace(&settings.namespace)
             .with_identity(&settings.identity)
@@ -48,7 +61,13 @@ impl Leadership {
             .map_err(Error::Lease)?;
         let (state, task) = manager.watch().await;
         info!(identity = %settings.identity, lease = %format!("{}/{}", settings.namespace, settings.name), "standing for leader");
-        Ok(Self { state, task })
+        Ok(Self {
+            state,
+            task,
+            leases,
+            settings: settings.clone(),
+            watching: None,
+        })
     }
 
     /// Waits until this replica holds the lease. `false` when the election ended instead.
@@ -56,16 +75,35 @@ impl Leadership {
         self.state.wait_for(|leading| *leading).await.is_ok()
     }
 
-    /// Resolves when this replica no longer holds the lease (or the election ended).
-    pub fn lost(&self) -> impl Future<Output = ()> + Send + Sync + 'static {
+    /// Resolves when this replica no longer holds the lease (or the election ended), or can no
+    /// longer show that it does before the lease would expire. Call it once elected.
+    pub fn lost(&mut self) -> impl Future<Output = ()> + Send + Sync + 'static {
         let mut state = self.state.clone();
+        let leases = self.leases.clone();
+        let settings = self.settings.clone();
+        let (tx, mut rx) = watch::channel(false);
+        if let Some(old) = self.watching.take() {
+            old.abort();
+        }
+        self.watching = Some(tokio::spawn(async move {
+            tokio::select! {
+                _ = state.wait_for(|leading| !*leading) => {}
+                _ = watchdog(leases, settings) => {}
+            }
+            let _ = tx.send(true);
+        }));
         async move {
-            let _ = state.wait_for(|leading| !*leading).await;
+            // An error means the task ended without a word: treat it as lost too.
+            let _ = rx.wait_for(|lost| *lost).await;
         }
     }
 
     /// Leaves the election, releasing the lease when held.
-    pub async fn release(self) {
+    pub async fn release(mut self) {
+        if let Some(watching) = self.watching.take() {
+            watching.abort();
+            let _ = watching.await;
+        }
         drop(self.state);
         match self.task.await {
             Ok(Ok(_)) => info!("released the leader lease"),
@@ -73,6 +111,69 @@ impl Leadership {
                 warn!(error = %e, "could not release the leader lease; it expires by itself")
             }
             Err(e) => warn!(error = %e, "lease task failed"),
+        }
+    }
+}
+
+/// How much earlier than the lease's expiry a leader that cannot see its renewal steps down: half
+/// the grace, since the renewal is due a whole grace before expiry.
+fn margin(settings: &LeaseSettings) -> Duration {
+    settings.grace / 2
+}
+
+/// How often the watchdog reads the Lease: several times within the margin.
+fn check_every(settings: &LeaseSettings) -> Duration {
+    (margin(settings) / 3).max(Duration::from_millis(100))
+}
+
+/// Until when `lease` lets `identity` act: its renew time plus its duration, less `margin`.
+/// `None` when someone else (or nobody) holds it.
+pub fn acts_until(lease: &Lease, identity: &str, margin: Duration) -> Option<SystemTime> {
+    let spec = lease.spec.as_ref()?;
+    if spec.holder_identity.as_deref() != Some(identity) {
+        return None;
+    }
+    let renewed = SystemTime::from(spec.renew_time.as_ref()?.0);
+    let duration = Duration::from_secs(u64::try_from(spec.lease_duration_seconds?).ok()?);
+    Some((renewed + duration).checked_sub(margin).unwrap_or(renewed))
+}
+
+/// Returns when this replica must stop acting: the Lease names someone else or is gone, or no
+/// read has shown our hold valid past now (the API server is unreachable, renewals fail).
+async fn watchdog(leases: Api<Lease>, settings: LeaseSettings) {
+    let margin = margin(&settings);
+    let every = check_every(&settings);
+    // Just elected: the manager renewed a moment ago.
+    let mut until = SystemTime::now() + settings.duration.saturating_sub(margin);
+    loop {
+        tokio::time::sleep(every).await;
+        match tokio::time::timeout(
+            every.max(Duration::from_secs(1)),
+            leases.get_opt(&settings.name),
+        )
+        .await
+        {
+            Ok(Ok(Some(lease))) => match acts_until(&lease, &settings.identity, margin) {
+                Some(t) => until = t,
+                None => {
+                    let holder = lease
+                        .spec
+                        .and_then(|s| s.holder_identity)
+                        .unwrap_or_default();
+                    warn!(%holder, "the leader lease is held by another replica");
+                    return;
+                }
+            },
+            Ok(Ok(None)) => {
+                warn!("the leader lease was deleted");
+                return;
+            }
+            Ok(Err(e)) => warn!(error = %e, "cannot read the leader lease"),
+            Err(_) => warn!("reading the leader lease timed out"),
+        }
+        if SystemTime::now() >= until {
+            warn!("could not confirm the leader lease before it could expire; stepping down");
+            return;
         }
     }
 }
@@ -90,4 +191,66 @@ pub fn default_identity() -> String {
         .map(|d| d.subsec_nanos())
         .unwrap_or_default();
     format!("{host}_{:x}{nanos:08x}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+    use k8s_openapi::jiff::Timestamp;
+
+    fn lease(holder: Option<&str>, renewed_secs: i64, duration: Option<i32>) -> Lease {
+        Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(Into::into),
+                renew_time: Some(MicroTime(Timestamp::from_second(renewed_secs).unwrap())),
+                lease_duration_seconds: duration,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn the_holder_acts_until_renew_time_plus_duration_less_the_margin() {
+        let until = acts_until(
+            &lease(Some("me"), 1_000, Some(15)),
+            "me",
+            Duration::from_millis(2500),
+        );
+        assert_eq!(
+            until,
+            Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_012_500))
+        );
+    }
+
+    #[test]
+    fn anyone_else_or_a_lease_without_times_gives_no_right_to_act() {
+        let m = Duration::from_secs(1);
+        assert_eq!(
+            acts_until(&lease(Some("other"), 1_000, Some(15)), "me", m),
+            None
+        );
+        assert_eq!(acts_until(&lease(None, 1_000, Some(15)), "me", m), None);
+        assert_eq!(acts_until(&lease(Some("me"), 1_000, None), "me", m), None);
+        assert_eq!(
+            acts_until(&lease(Some("me"), 1_000, Some(-5)), "me", m),
+            None
+        );
+        assert_eq!(acts_until(&Lease::default(), "me", m), None);
+    }
+
+    #[test]
+    fn checks_come_several_times_within_the_margin() {
+        let s = LeaseSettings {
+            name: "l".into(),
+            namespace: "n".into(),
+            identity: "me".into(),
+            duration: Duration::from_secs(15),
+            grace: Duration::from_secs(5),
+        };
+        assert_eq!(margin(&s), Duration::from_millis(2500));
+        assert!(check_every(&s) * 3 <= margin(&s));
+    }
 }

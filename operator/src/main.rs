@@ -89,7 +89,16 @@ async fn main() -> anyhow::Result<()> {
     let on_loss = leadership.lost();
     let shutdown = async move {
         tokio::select! {
-            _ = on_loss => lost_flag.store(true, Ordering::SeqCst),
+            _ = on_loss => {
+                lost_flag.store(true, Ordering::SeqCst);
+                // A reconcile stuck on an unreachable API server must not keep a deposed leader
+                // alive: give the controller a moment to stop, then leave regardless.
+                tokio::spawn(async {
+                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+                    error!("lost the leader lease and the controller did not stop in 2 s; exiting");
+                    std::process::exit(1);
+                });
+            }
             _ = stopped(stop) => {}
         }
     };

@@ -129,11 +129,12 @@ impl Operator {
                 OPERATOR_NAMESPACE,
             ])
             .args(["--leader-identity", identity])
+            // Short, so takeovers are quick; the grace leaves the leader's watchdog 1 s of margin.
             .args([
                 "--lease-duration-seconds",
-                "4",
+                "6",
                 "--lease-grace-seconds",
-                "1",
+                "2",
             ])
             .args(["--session-image", "tether-session:e2e"])
             .stdin(Stdio::null())
@@ -892,6 +893,93 @@ async fn a_leader_whose_lease_is_taken_stops_acting_and_exits() {
     assert!(
         status_of(&sessions, "dev").await.is_none(),
         "nobody acts without the lease"
+    );
+}
+
+/// A TCP relay to the API server that the test can cut like a network partition: after the cut
+/// it forwards nothing and answers nothing, but keeps every socket open (a black hole, not a
+/// reset, so clients only learn from their own timeouts).
+struct Relay {
+    port: u16,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    async fn start(target: std::net::SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, rx) = tokio::sync::watch::channel(false);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                let mut rx = rx.clone();
+                tokio::spawn(async move {
+                    let open = !*rx.borrow();
+                    if open && let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => return,
+                            _ = rx.wait_for(|cut| *cut) => {}
+                        }
+                        // Hold both ends open, silently.
+                        std::future::pending::<()>().await;
+                    }
+                    std::future::pending::<()>().await;
+                    drop(inbound);
+                });
+            }
+        });
+        Self { port, cut }
+    }
+
+    fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+}
+
+#[tokio::test]
+async fn a_leader_cut_off_from_the_api_server_steps_down_before_its_lease_can_expire() {
+    let (cp, admin, kubeconfig) = setup().await;
+    let ns = cp.namespace("op-partition").await;
+    let server = cp.server().trim_start_matches("https://").to_string();
+    let relay = Relay::start(server.parse().expect("the API server is at an IP:port")).await;
+    let through_relay = cp.dir().join("operator-via-relay.kubeconfig");
+    std::fs::write(
+        &through_relay,
+        std::fs::read_to_string(&kubeconfig)
+            .unwrap()
+            .replace(cp.server(), &format!("https://127.0.0.1:{}", relay.port)),
+    )
+    .unwrap();
+    let mut op = Operator::start(cp, &through_relay, ns.name(), "partition", "partition-a");
+    eventually("partition-a to lead", Duration::from_secs(30), || async {
+        (op.metric("tether_operator_leader").await == 1.0).then_some(())
+    })
+    .await;
+    // Let it renew at least once through the relay, then cut it off.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    relay.cut();
+    let code = op.exited(Duration::from_secs(30)).await;
+    let stopped_at = std::time::SystemTime::now();
+    assert_eq!(code, Some(1), "a leader that cannot renew exits 1");
+    assert!(
+        op.log_tail(40).contains("stepping down"),
+        "the log says why:\n{}",
+        op.log_tail(40)
+    );
+    // It stopped before the lease it last renewed could expire, so no standby could have taken
+    // over while it still acted.
+    let lease =
+        Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(admin, OPERATOR_NAMESPACE)
+            .get("partition")
+            .await
+            .unwrap();
+    let spec = lease.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("partition-a"));
+    let expiry = std::time::SystemTime::from(spec.renew_time.unwrap().0)
+        + Duration::from_secs(spec.lease_duration_seconds.unwrap() as u64);
+    assert!(
+        stopped_at < expiry,
+        "stopped {:?} after the lease expired",
+        stopped_at.duration_since(expiry).unwrap_or_default()
     );
 }
 
