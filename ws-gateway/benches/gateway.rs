@@ -1,6 +1,6 @@
 //! Gateway benchmarks: one run, ratios against a direct connection to the backend.
 //!
-//! `cargo bench -p tether-gateway --bench gateway` (env: `TETHER_BENCH_IDLE`, default 3000;
+//! `cargo bench -p tether-gateway --bench gateway` (env: `TETHER_BENCH_IDLE`, default 10000;
 //! `TETHER_BENCH_STREAMS`, default 2000; `TETHER_BENCH_SECS`, default 5).
 //!
 //! Everything runs in this process: clients, the gateway and the agent-protocol test backend.
@@ -39,6 +39,30 @@ fn env(name: &str, default: usize) -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
+}
+
+/// Every proxied idle connection holds four descriptors in this one process (the client, both
+/// sides of the gateway, the backend). Raises the open-file limit to fit `conns` of them (root
+/// may raise the hard limit too) and returns how many fit.
+fn fit_connections(conns: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let want = (conns as u64) * 4 + 512;
+    let (soft, hard) = getrlimit(Resource::RLIMIT_NOFILE).unwrap_or((1024, 1024));
+    let limit = if soft >= want {
+        soft
+    } else if setrlimit(Resource::RLIMIT_NOFILE, want, want.max(hard)).is_ok() {
+        want
+    } else {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+        hard
+    };
+    let fit = (limit.saturating_sub(512) / 4) as usize;
+    if fit < conns {
+        eprintln!(
+            "open-file limit {limit} fits only {fit} of {conns} connections; measuring {fit}"
+        );
+    }
+    fit.min(conns)
 }
 
 fn rss_kib() -> u64 {
@@ -272,8 +296,13 @@ fn child(phase: &str) -> Vec<f64> {
 #[tokio::main]
 async fn main() {
     // `cargo bench` passes --bench; arguments are ignored.
-    let n = env("TETHER_BENCH_IDLE", 3000);
-    let m = env("TETHER_BENCH_STREAMS", 2000);
+    let (idle_want, streams_want) = (
+        env("TETHER_BENCH_IDLE", 10_000),
+        env("TETHER_BENCH_STREAMS", 2000),
+    );
+    // Child processes inherit the raised limit.
+    let fit = fit_connections(idle_want.max(streams_want));
+    let (n, m) = (idle_want.min(fit), streams_want.min(fit));
     let secs = env("TETHER_BENCH_SECS", 5) as u64;
     if let Ok(phase) = std::env::var("TETHER_BENCH_PHASE") {
         let s = setup().await;
