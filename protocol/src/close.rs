@@ -60,6 +60,9 @@ codes! {
     TICKET_REPLAYED = 4409, "attach ticket already used";
     /// The ticket has expired.
     TICKET_EXPIRED = 4410, "attach ticket expired";
+    /// Gateway only: checked again during the connection, RBAC no longer allows this user this
+    /// mode on the session. The reason names the verb and what the API server said.
+    REVOKED = 4411, "access revoked";
     /// The ticket is for another session (`sid` or `suid` mismatch), or a resume by another user.
     WRONG_SESSION = 4412, "attach ticket is for another session";
     /// A frame exceeded the size limit.

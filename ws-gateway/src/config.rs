@@ -93,6 +93,10 @@ pub struct Args {
     /// How long an RBAC decision is cached.
     #[arg(long, env = "TETHER_AUTHZ_CACHE_TTL", default_value = "10s", value_parser = duration)]
     pub authz_cache_ttl: Duration,
+    /// How often an open connection's RBAC decision is checked again; a denial closes it with
+    /// 4411 "access revoked". `0s` checks only at the upgrade.
+    #[arg(long, env = "TETHER_REAUTHORIZE_EVERY", default_value = "30s", value_parser = duration)]
+    pub reauthorize_every: Duration,
     /// On shutdown, how long to wait for connections to close after telling them to reconnect.
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub drain_timeout: Duration,

@@ -87,12 +87,14 @@ pub fn check_client_frame(
     }
 }
 
-/// Forwards frames until either side closes, the client idles out, or `shutdown` fires.
-pub async fn proxy<C, CE, A, AE>(
+/// Forwards frames until either side closes, the client idles out, `shutdown` fires, or
+/// `revoked` resolves (with the reason sent under [`CloseCode::REVOKED`]).
+pub async fn proxy<C, CE, A, AE, R>(
     client: C,
     agent: A,
     settings: ProxySettings,
     shutdown: CancellationToken,
+    revoked: R,
     metrics: &Metrics,
 ) -> ProxyOutcome
 where
@@ -100,7 +102,9 @@ where
     A: Sink<Message, Error = AE> + Stream<Item = Result<Message, AE>> + Unpin,
     CE: Into<BoxError>,
     AE: Into<BoxError>,
+    R: Future<Output = String>,
 {
+    let mut revoked = std::pin::pin!(revoked);
     let (mut c_tx, mut c_rx) = client.split();
     let (mut a_tx, mut a_rx) = agent.split();
     // Cloned out of the family: its guard must not live across awaits.
@@ -197,6 +201,7 @@ where
     loop {
         tokio::select! {
             () = shutdown.cancelled() => end!(CloseCode::GOING_AWAY.0, SHUTDOWN_REASON.into()),
+            reason = &mut revoked => end!(CloseCode::REVOKED.0, reason),
             m = c_rx.next() => {
                 last_seen = Instant::now();
                 match m {

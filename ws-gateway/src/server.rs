@@ -461,6 +461,36 @@ async fn admit(
     Ok((session, endpoint))
 }
 
+/// Resolves, with the reason in words, once RBAC no longer lets `user` use `mode` on the
+/// session; checked every `--reauthorize-every` (never when that is zero). A check that cannot
+/// reach the API server keeps the connection: an outage must not cut every terminal.
+async fn reauthorize(
+    gw: Arc<Gateway>,
+    user: UserInfo,
+    namespace: String,
+    name: String,
+    mode: Mode,
+) -> String {
+    let every = gw.config.args.reauthorize_every;
+    if every.is_zero() {
+        return std::future::pending().await;
+    }
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    loop {
+        tick.tick().await;
+        match gw.authz.check(&user, &namespace, &name, mode).await {
+            Ok(d) if d.allowed => {}
+            Ok(d) => {
+                tracing::info!(user = %user.user, %namespace, %name, mode = mode.as_str(), reason = %d.reason, "access revoked");
+                return format!("access revoked: {}", d.reason);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot re-check access; keeping the connection")
+            }
+        }
+    }
+}
+
 /// "just now", "40 s ago", "3 min ago", "2 h ago": how long ago, as a person says it.
 fn words_for(ago: Duration) -> String {
     match ago.as_secs() {
@@ -684,11 +714,13 @@ async fn websocket(
             .start(&user, &session_key, mode.as_str(), &peer.to_string());
         let span = tracing::info_span!("connection", user = %user.user, session = %session_key, mode = mode.as_str());
         tracing::info!(parent: &span, "attached");
+        let revoked = reauthorize(gw2.clone(), user.clone(), namespace, name, mode);
         let outcome = proxy(
             client,
             agent,
             settings,
             gw2.shutdown.child_token(),
+            revoked,
             &gw2.metrics,
         )
         .instrument(span.clone())

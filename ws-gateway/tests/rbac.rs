@@ -152,7 +152,11 @@ async fn rbac_bindings_decide_attach_and_observe_and_get_is_not_enough() {
     let index = Index::shared();
     let watch = tokio::spawn(run_watch(gateway.clone(), index.clone()));
     let gw = TestGateway::start_with(Options {
-        flags: vec!["--handshake-rate=1000".into()],
+        flags: vec![
+            "--handshake-rate=1000".into(),
+            "--authz-cache-ttl=1s".into(),
+            "--reauthorize-every=1s".into(),
+        ],
         access: Some(Arc::new(KubeAccessReview(gateway.clone()))),
         token_review: Some(Arc::new(KubeTokenReview(gateway.clone()))),
         index: Some(index.clone()),
@@ -284,6 +288,40 @@ async fn rbac_bindings_decide_attach_and_observe_and_get_is_not_enough() {
         .await;
     assert_eq!(body.trim(), "[]");
 
+    // An open connection is checked again: removing bob's binding closes his observer with
+    // 4411 and words that name the verb, while alice's attach stays open.
+    let (mut bobs, _) = gw
+        .ws(&path("observe"), Some(ORIGIN), Some(BOB))
+        .await
+        .unwrap();
+    send(&mut bobs, open_frame()).await;
+    let (mut alices, _) = gw
+        .ws(&path("attach"), Some(ORIGIN), Some(ALICE))
+        .await
+        .unwrap();
+    send(&mut alices, open_frame()).await;
+    bindings
+        .delete("bob-view", &Default::default())
+        .await
+        .unwrap();
+    let (code, reason) = closed(&mut bobs).await;
+    assert_eq!(code, 4411, "{reason}");
+    assert!(
+        reason.starts_with("access revoked") && reason.contains("observe"),
+        "{reason}"
+    );
+    send(
+        &mut alices,
+        tether_protocol::ClientFrame::Input(b"still here\r".to_vec().into()).encode(),
+    )
+    .await;
+    assert!(
+        tokio::time::timeout(Duration::from_secs(3), closed(&mut alices))
+            .await
+            .is_err(),
+        "alice's connection stays open"
+    );
+
     // Deleting the session removes it from the index; the gateway remembers it was deleted: 410.
     sessions.delete(SESSION, &Default::default()).await.unwrap();
     tokio::time::timeout(STEP, async {
@@ -301,6 +339,13 @@ async fn rbac_bindings_decide_attach_and_observe_and_get_is_not_enough() {
         410
     );
     watch.abort();
+}
+
+fn open_frame() -> Vec<u8> {
+    tether_protocol::ClientFrame::Open {
+        size: tether_protocol::Size::default(),
+    }
+    .encode()
 }
 
 fn secrecy_expose(t: &secrecy::SecretString) -> String {

@@ -248,6 +248,18 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> anyhow::Result<()> {
         .parent()
         .expect("binaries live in a directory")
         .to_path_buf();
+    let web = root.join("ws-gateway/web");
+    if !no_lint {
+        // esbuild strips types without checking them.
+        step("tsc --noEmit (ws-gateway/web)");
+        run(Command::new("npm")
+            .args(["run", "typecheck"])
+            .current_dir(&web))?;
+    }
+    step("the page's protocol unit tests (ws-gateway/web)");
+    run(Command::new("npm")
+        .args(["run", "test:unit"])
+        .current_dir(&web))?;
     if !no_lint {
         step("cargo fmt --check");
         run(cargo(&root).args(["fmt", "--all", "--check"]))?;

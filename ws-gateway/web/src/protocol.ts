@@ -272,6 +272,7 @@ export const CLOSE_REASONS: Record<number, string> = {
   4408: 'no OPEN or RESUME in time',
   4409: 'attach ticket already used',
   4410: 'attach ticket expired',
+  4411: 'access revoked',
   4412: 'attach ticket is for another session',
   4413: 'frame too large',
   4416: 'terminal size out of range',

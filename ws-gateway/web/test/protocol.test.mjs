@@ -73,5 +73,6 @@ test('close codes: resume, reopen or end', () => {
   assert.equal(p.closeAction(4404, false), 'reopen');
   assert.equal(p.closeAction(4000, false), 'end');
   assert.equal(p.closeAction(4423, false), 'end');
+  assert.equal(p.closeAction(4411, false), 'end');
   assert.equal(p.closeAction(1006, true), 'end');
 });
