@@ -52,9 +52,10 @@ export interface ConnectionOptions {
   ackDelayMs?: number;
   /**
    * Called when a connection failed before the upgrade (the browser only sees code 1006 then):
-   * resolves to a reason to stop with (signed out, not allowed, session gone) or null to retry.
+   * resolves to a reason to stop with (signed out, not allowed, session gone), `{ retry }` with
+   * words to show while retrying (the session is still starting), or null to retry.
    */
-  diagnose?: () => Promise<string | null>;
+  diagnose?: () => Promise<string | { retry: string } | null>;
   /**
    * Tests only: keep the output stream as received, up to this many bytes (0 = off), so a test
    * can check byte-exact resume independently of what the terminal keeps in its buffer.
@@ -219,7 +220,7 @@ export class Connection {
       this.clearTimers();
       if (!opened && ev.code === 1006) {
         void this.opts.diagnose().then(
-          (why) => (why ? this.end(why) : this.onClose(ev.code, ev.reason, ev.wasClean)),
+          (why) => (typeof why === 'string' ? this.end(why) : this.onClose(ev.code, why?.retry ?? ev.reason, ev.wasClean)),
           () => this.onClose(ev.code, ev.reason, ev.wasClean),
         );
         return;

@@ -286,8 +286,10 @@ function terminalView(namespace: string, name: string, mode: Mode, renderer: str
           case 409: // ended: Succeeded, Expired or Failed
           case 410: // deleted
             return e.message;
+          case 503: // not Ready yet, or the gateway cannot check right now
+            return { retry: e.message };
           default:
-            return null; // busy, rate-limited, not Ready yet: retry with backoff
+            return null; // busy, rate-limited, agent unreachable: retry with backoff
         }
       }
     },
