@@ -115,15 +115,16 @@ impl Leadership {
     }
 }
 
-/// How much earlier than the lease's expiry a leader that cannot see its renewal steps down: half
-/// the grace, since the renewal is due a whole grace before expiry.
+/// How much earlier than the lease's expiry a leader that has not seen its renewal steps down.
+/// The renewal is due a whole grace before expiry, which leaves three quarters of the grace for
+/// it to land and be read.
 fn margin(settings: &LeaseSettings) -> Duration {
-    settings.grace / 2
+    settings.grace / 4
 }
 
-/// How often the watchdog reads the Lease: several times within the margin.
+/// How often the watchdog reads the Lease: a few times within the window a renewal has.
 fn check_every(settings: &LeaseSettings) -> Duration {
-    (margin(settings) / 3).max(Duration::from_millis(100))
+    (settings.grace / 4).max(Duration::from_millis(100))
 }
 
 /// Until when `lease` lets `identity` act: its renew time plus its duration, less `margin`.
@@ -138,42 +139,43 @@ pub fn acts_until(lease: &Lease, identity: &str, margin: Duration) -> Option<Sys
     Some((renewed + duration).checked_sub(margin).unwrap_or(renewed))
 }
 
-/// Returns when this replica must stop acting: the Lease names someone else or is gone, or no
-/// read has shown our hold valid past now (the API server is unreachable, renewals fail).
+/// Returns when this replica must stop acting: the Lease names someone else or is gone, or the
+/// time its last seen hold allows has come (the API server is unreachable, renewals fail). The
+/// deadline is a timer of its own, so a slow or hanging read cannot delay it.
 async fn watchdog(leases: Api<Lease>, settings: LeaseSettings) {
     let margin = margin(&settings);
     let every = check_every(&settings);
     // Just elected: the manager renewed a moment ago.
     let mut until = SystemTime::now() + settings.duration.saturating_sub(margin);
     loop {
-        tokio::time::sleep(every).await;
-        match tokio::time::timeout(
-            every.max(Duration::from_secs(1)),
-            leases.get_opt(&settings.name),
-        )
-        .await
-        {
-            Ok(Ok(Some(lease))) => match acts_until(&lease, &settings.identity, margin) {
-                Some(t) => until = t,
-                None => {
-                    let holder = lease
-                        .spec
-                        .and_then(|s| s.holder_identity)
-                        .unwrap_or_default();
-                    warn!(%holder, "the leader lease is held by another replica");
-                    return;
-                }
-            },
-            Ok(Ok(None)) => {
-                warn!("the leader lease was deleted");
+        let left = until
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        let read = async {
+            tokio::time::sleep(every).await;
+            tokio::time::timeout(settings.duration, leases.get_opt(&settings.name)).await
+        };
+        tokio::select! {
+            () = tokio::time::sleep(left) => {
+                warn!("could not confirm the leader lease before it could expire; stepping down");
                 return;
             }
-            Ok(Err(e)) => warn!(error = %e, "cannot read the leader lease"),
-            Err(_) => warn!("reading the leader lease timed out"),
-        }
-        if SystemTime::now() >= until {
-            warn!("could not confirm the leader lease before it could expire; stepping down");
-            return;
+            answer = read => match answer {
+                Ok(Ok(Some(lease))) => match acts_until(&lease, &settings.identity, margin) {
+                    Some(t) => until = t,
+                    None => {
+                        let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+                        warn!(%holder, "the leader lease is held by another replica");
+                        return;
+                    }
+                },
+                Ok(Ok(None)) => {
+                    warn!("the leader lease was deleted");
+                    return;
+                }
+                Ok(Err(e)) => warn!(error = %e, "cannot read the leader lease"),
+                Err(_) => warn!("reading the leader lease timed out"),
+            },
         }
     }
 }
@@ -217,11 +219,11 @@ mod tests {
         let until = acts_until(
             &lease(Some("me"), 1_000, Some(15)),
             "me",
-            Duration::from_millis(2500),
+            Duration::from_millis(1250),
         );
         assert_eq!(
             until,
-            Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_012_500))
+            Some(SystemTime::UNIX_EPOCH + Duration::from_millis(1_013_750))
         );
     }
 
@@ -250,7 +252,9 @@ mod tests {
             duration: Duration::from_secs(15),
             grace: Duration::from_secs(5),
         };
-        assert_eq!(margin(&s), Duration::from_millis(2500));
-        assert!(check_every(&s) * 3 <= margin(&s));
+        // Renewal is due 5 s before expiry; stepping down comes 1.25 s before it, so the
+        // renewal has 3.75 s to land and be read: at least three reads.
+        assert_eq!(margin(&s), Duration::from_millis(1250));
+        assert!(check_every(&s) * 3 <= s.grace - margin(&s));
     }
 }

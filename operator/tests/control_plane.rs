@@ -129,7 +129,8 @@ impl Operator {
                 OPERATOR_NAMESPACE,
             ])
             .args(["--leader-identity", identity])
-            // Short, so takeovers are quick; the grace leaves the leader's watchdog 1 s of margin.
+            // Short, so takeovers are quick; with 2 s of grace a renewal has 1.5 s to be seen by the
+            // leader's watchdog, which steps down 0.5 s before expiry.
             .args([
                 "--lease-duration-seconds",
                 "6",
