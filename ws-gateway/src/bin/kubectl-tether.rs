@@ -7,6 +7,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
@@ -16,6 +17,7 @@ use tether_protocol::client::{ClientError, Event, ResumeState, TerminalClient};
 use tether_protocol::{CloseCode, SUBPROTOCOL, Size};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
+use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 #[derive(Debug, Parser)]
@@ -50,6 +52,10 @@ enum Command {
         /// The token itself.
         #[arg(long = "token", env = "TETHER_TOKEN", hide_env_values = true)]
         token: Option<String>,
+        /// PEM file of the CA certificates to trust for an https:// gateway, instead of the
+        /// public web roots (like kubectl's --certificate-authority).
+        #[arg(long, env = "TETHER_CERTIFICATE_AUTHORITY")]
+        certificate_authority: Option<PathBuf>,
     },
 }
 
@@ -131,7 +137,41 @@ enum ConnectError {
     Retry(String),
 }
 
-async fn connect(url: &str, origin: &str, token: &str) -> Result<Ws, ConnectError> {
+/// A TLS client configuration trusting only the CA certificates in `path`.
+fn trust_only(path: &std::path::Path) -> anyhow::Result<Connector> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject as _;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut count = 0;
+    for cert in CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading the certificate authority {}", path.display()))?
+    {
+        let cert =
+            cert.with_context(|| format!("{} is not a PEM certificate file", path.display()))?;
+        roots
+            .add(cert)
+            .with_context(|| format!("a certificate in {} is not usable", path.display()))?;
+        count += 1;
+    }
+    if count == 0 {
+        bail!("{} holds no PEM certificate", path.display());
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .context("TLS configuration")?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(Connector::Rustls(Arc::new(config)))
+}
+
+async fn connect(
+    url: &str,
+    origin: &str,
+    token: &str,
+    tls: Option<&Connector>,
+) -> Result<Ws, ConnectError> {
     let mut req = url
         .into_client_request()
         .map_err(|e| ConnectError::Fatal(e.to_string()))?;
@@ -151,7 +191,7 @@ async fn connect(url: &str, origin: &str, token: &str) -> Result<Ws, ConnectErro
     );
     match tokio::time::timeout(
         Duration::from_secs(15),
-        tokio_tungstenite::connect_async(req),
+        tokio_tungstenite::connect_async_tls_with_config(req, None, false, tls.cloned()),
     )
     .await
     {
@@ -171,6 +211,13 @@ async fn connect(url: &str, origin: &str, token: &str) -> Result<Ws, ConnectErro
             } else {
                 Err(ConnectError::Fatal(msg))
             }
+        }
+        // A certificate the client does not trust will not become trusted by retrying.
+        Ok(Err(e @ tokio_tungstenite::tungstenite::Error::Tls(_))) => {
+            Err(ConnectError::Fatal(format!("TLS: {e}")))
+        }
+        Ok(Err(e)) if e.to_string().contains("certificate") => {
+            Err(ConnectError::Fatal(format!("TLS: {e}")))
         }
         Ok(Err(e)) => Err(ConnectError::Retry(e.to_string())),
     }
@@ -303,10 +350,16 @@ fn spawn_input(tx: mpsc::Sender<Input>, observe: bool) {
     }
 }
 
-async fn attach(url: String, origin: String, token: String, observe: bool) -> anyhow::Result<i32> {
+async fn attach(
+    url: String,
+    origin: String,
+    token: String,
+    observe: bool,
+    tls: Option<Connector>,
+) -> anyhow::Result<i32> {
     let (tx, mut input) = mpsc::channel(64);
     // Fail before raw mode when the first connection is refused, so errors print cleanly.
-    let first = match connect(&url, &origin, &token).await {
+    let first = match connect(&url, &origin, &token, tls.as_ref()).await {
         Ok(ws) => ws,
         Err(ConnectError::Fatal(m)) | Err(ConnectError::Retry(m)) => bail!("cannot attach: {m}"),
     };
@@ -319,7 +372,7 @@ async fn attach(url: String, origin: String, token: String, observe: bool) -> an
     loop {
         let socket = match ws.take() {
             Some(s) => s,
-            None => match connect(&url, &origin, &token).await {
+            None => match connect(&url, &origin, &token, tls.as_ref()).await {
                 Ok(s) => s,
                 Err(ConnectError::Fatal(m)) => bail!("cannot reconnect: {m}"),
                 Err(ConnectError::Retry(m)) => {
@@ -404,7 +457,12 @@ fn main() -> std::process::ExitCode {
                 gateway,
                 token_file,
                 token,
+                certificate_authority,
             } => {
+                let tls = certificate_authority
+                    .as_deref()
+                    .map(trust_only)
+                    .transpose()?;
                 let token = match (token_file, token) {
                     (Some(f), _) => std::fs::read_to_string(&f)
                         .with_context(|| format!("reading {}", f.display()))?
@@ -421,7 +479,7 @@ fn main() -> std::process::ExitCode {
                 let mut term = signal(SignalKind::terminate())?;
                 let mut hup = signal(SignalKind::hangup())?;
                 tokio::select! {
-                    r = attach(url, origin, token, observe) => r,
+                    r = attach(url, origin, token, observe, tls) => r,
                     _ = term.recv() => Ok(143),
                     _ = hup.recv() => Ok(129),
                 }
