@@ -208,7 +208,10 @@ async fn a_session_goes_from_kubectl_apply_to_a_browser_and_ends_honestly() {
                 &stack,
                 &["delete", "-n", "tether-demo", "ts/basic", "--wait=false"],
             );
-            assert!(ok, "kubectl delete ts/basic failed: {out}");
+            if !ok {
+                let _ = node.kill();
+                panic!("kubectl delete ts/basic failed: {out}");
+            }
             writeln!(stdin, "deleted").unwrap();
         }
         lines.push(line);

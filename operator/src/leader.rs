@@ -93,8 +93,10 @@ impl Leadership {
             let _ = tx.send(true);
         }));
         async move {
-            // An error means the task ended without a word: treat it as lost too.
-            let _ = rx.wait_for(|lost| *lost).await;
+            // An error means `release` stopped the watch: shutting down, not lost.
+            if rx.wait_for(|lost| *lost).await.is_err() {
+                std::future::pending::<()>().await;
+            }
         }
     }
 
@@ -145,14 +147,17 @@ pub fn acts_until(lease: &Lease, identity: &str, margin: Duration) -> Option<Sys
 async fn watchdog(leases: Api<Lease>, settings: LeaseSettings) {
     let margin = margin(&settings);
     let every = check_every(&settings);
-    // Just elected: the manager renewed a moment ago.
+    // Until the first read: a lease just taken or renewed. The first read comes at once, since
+    // a replica restarted under the same identity may hold an older renewal.
     let mut until = SystemTime::now() + settings.duration.saturating_sub(margin);
+    let mut pause = Duration::ZERO;
     loop {
         let left = until
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
+        let wait = std::mem::replace(&mut pause, every);
         let read = async {
-            tokio::time::sleep(every).await;
+            tokio::time::sleep(wait).await;
             tokio::time::timeout(settings.duration, leases.get_opt(&settings.name)).await
         };
         tokio::select! {

@@ -84,30 +84,17 @@ async fn main() -> anyhow::Result<()> {
     info!("elected leader; starting the controller");
     metrics.leader.set(1);
     ready.store(false, Ordering::SeqCst);
-    let lost = Arc::new(AtomicBool::new(false));
-    let lost_flag = lost.clone();
     let on_loss = leadership.lost();
-    let shutdown = async move {
-        tokio::select! {
-            _ = on_loss => {
-                lost_flag.store(true, Ordering::SeqCst);
-                // A reconcile stuck on an unreachable API server must not keep a deposed leader
-                // alive: give the controller a moment to stop, then leave regardless.
-                tokio::spawn(async {
-                    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
-                    error!("lost the leader lease and the controller did not stop in 2 s; exiting");
-                    std::process::exit(1);
-                });
-            }
-            _ = stopped(stop) => {}
-        }
-    };
-    controller::run(ctx, namespace, args.concurrency, ready, shutdown).await;
-    metrics.leader.set(0);
-    if lost.load(Ordering::SeqCst) {
-        error!("lost the leader lease; exiting so that only the new leader acts");
+    // On loss, leave at once rather than draining: a reconcile still in flight could write after
+    // the lease expired, while a new leader acts. Every write is an idempotent apply, so a
+    // reconcile cut short is finished by whoever leads next (as after a SIGKILL).
+    tokio::spawn(async move {
+        on_loss.await;
+        error!("lost the leader lease; exiting at once so that only the new leader acts");
         std::process::exit(1);
-    }
+    });
+    controller::run(ctx, namespace, args.concurrency, ready, stopped(stop)).await;
+    metrics.leader.set(0);
     leadership.release().await;
     info!("stopped");
     Ok(())

@@ -475,7 +475,11 @@ async fn reauthorize(
     if every.is_zero() {
         return std::future::pending().await;
     }
-    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+    // One SubjectAccessReview per connection per interval (the decision cache is shorter): a
+    // random first delay spreads the checks, so clients that reconnected together after a
+    // gateway restart do not re-check in bursts.
+    let first = every.mul_f64(rand::random_range(0.5..1.5));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + first, every);
     loop {
         tick.tick().await;
         match gw.authz.check(&user, &namespace, &name, mode).await {
@@ -513,9 +517,18 @@ async fn session_status(
     State(gw): State<Arc<Gateway>>,
     Path((namespace, name)): Path<(String, String)>,
     Query(q): Query<SessionQuery>,
-    headers: HeaderMap,
+    req: Request,
 ) -> Result<Response, ApiError> {
-    let user = user_from_request(&gw, &headers).await?;
+    // Each answer may cost a SubjectAccessReview: the same per-address budget as handshakes.
+    if let Some(peer) = req.extensions().get::<Peer>()
+        && !gw.rate.check(peer.0.ip())
+    {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many requests: slow down",
+        ));
+    }
+    let user = user_from_request(&gw, req.headers()).await?;
     let mode = parse_mode(q.mode.as_deref())?;
     let (session, _) = admit(&gw, &user, &namespace, &name, mode)
         .await

@@ -432,6 +432,19 @@ async fn the_handshake_rate_is_limited_per_source_address() {
         limited >= 5,
         "only {limited} of 10 rapid handshakes were limited"
     );
+    // The status endpoint, which costs an access review too, shares the budget.
+    let status = format!("/api/sessions/{NS}/{SESSION}?mode=attach");
+    let cookie = format!("tether_token={ALICE}");
+    let mut limited = 0;
+    for _ in 0..10 {
+        if gw.http("GET", &status, &[("Cookie", &cookie)], "").await.0 == 429 {
+            limited += 1;
+        }
+    }
+    assert!(
+        limited >= 5,
+        "only {limited} of 10 rapid status requests were limited"
+    );
 }
 
 #[tokio::test]
