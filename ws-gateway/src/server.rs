@@ -520,9 +520,7 @@ async fn session_status(
     req: Request,
 ) -> Result<Response, ApiError> {
     // Each answer may cost a SubjectAccessReview: the same per-address budget as handshakes.
-    if let Some(peer) = req.extensions().get::<Peer>()
-        && !gw.rate.check(peer.0.ip())
-    {
+    if !gw.rate.check(peer_of(&req).ip()) {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too many requests: slow down",
@@ -563,6 +561,14 @@ fn refuse(gw: &Gateway, reason: &'static str, e: ApiError) -> ApiError {
     e
 }
 
+/// The client's address, as the accept loop recorded it (0.0.0.0 when served some other way).
+fn peer_of(req: &Request) -> SocketAddr {
+    req.extensions()
+        .get::<Peer>()
+        .map(|p| p.0)
+        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
 async fn websocket(
     State(gw): State<Arc<Gateway>>,
     Path((namespace, name)): Path<(String, String)>,
@@ -570,11 +576,7 @@ async fn websocket(
     mut req: Request,
 ) -> Result<Response, ApiError> {
     let headers = req.headers().clone();
-    let peer = req
-        .extensions()
-        .get::<Peer>()
-        .map(|p| p.0)
-        .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let peer = peer_of(&req);
 
     // Cheap refusals first: origin and rate cost nothing to check.
     let origin = headers

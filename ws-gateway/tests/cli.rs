@@ -33,6 +33,11 @@ async fn echo_then_detach(mut child: tokio::process::Child, text: &str) {
     let mut stdout = child.stdout.take().unwrap();
     stdin.write_all(text.as_bytes()).await.unwrap();
     wait_for(&mut stdout, text).await;
+    detach(child, stdin).await;
+}
+
+/// Closes stdin, which detaches, and expects a clean exit.
+async fn detach(mut child: tokio::process::Child, stdin: tokio::process::ChildStdin) {
     drop(stdin);
     let status = tokio::time::timeout(STEP, child.wait())
         .await
@@ -63,12 +68,7 @@ async fn the_cli_reconnects_and_resumes_when_the_connection_is_lost() {
     wait_for(&mut stderr, "resuming").await;
     stdin.write_all(b"after-the-drop").await.unwrap();
     wait_for(&mut stdout, "after-the-drop").await;
-    drop(stdin);
-    let status = tokio::time::timeout(STEP, child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert!(status.success(), "{status:?}");
+    detach(child, stdin).await;
     assert!(
         gw.backend
             .accepted
