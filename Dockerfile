@@ -5,6 +5,38 @@
 #   docker build --target session  -t ghcr.io/tether-dev/tether:0.1.0 .
 # The chart's values (image.registry, image.tag) and the operator's --session-image follow
 # these names. All images run as non-root users with no shell for the control-plane parts.
+#
+# Those commands are unchanged: every build argument below defaults to what they always did.
+#
+# Without Docker, a registry, or the rust and node images (a Debian host with buildah, which is
+# how the tests and `cargo dev` build: e2e/src/images.rs, `tether_e2e::images::build`), the
+# same final stages are fed by build arguments instead:
+#
+# - BINARIES=prebuilt takes the three binaries from a build context named `tether-binaries`, a
+#   directory holding tether-operator, tether-gateway and tether-session-agent built on a Debian
+#   bookworm host (cargo build), instead of the `build` stage; `web` and `build` are skipped.
+# - RUNTIME_BASE and SESSION_BASE name the base images (defaults: the upstream ones). Offline,
+#   they are local stand-ins built with mmdebstrap from Debian bookworm packages: RUNTIME_BASE
+#   has glibc, libgcc, libstdc++, libssl, ca-certificates, tzdata and netbase, a `nonroot`
+#   user 65532 and no shell (like distroless cc-debian12); SESSION_BASE is debootstrap's
+#   minbase with slim's dpkg excludes and apt settings (like debian:bookworm-slim), so the RUN
+#   of `session-system` runs unchanged, apt-get against Debian's mirror.
+# - SESSION_SYSTEM may name an image built earlier with --target session-system, so that
+#   a new agent binary does not run apt again. Default: the stage itself.
+#
+#   buildah --storage-driver vfs build --isolation chroot --pull=never --target operator \
+#     --build-arg BINARIES=prebuilt --build-context tether-binaries=target/debug \
+#     --build-arg RUNTIME_BASE=localhost/tether/base-runtime:<key> \
+#     --build-arg SESSION_BASE=localhost/tether/base-session:<key> \
+#     -t localhost/tether/tether-operator:dev .
+#
+# With BuildKit, `docker buildx build --build-arg BINARIES=prebuilt --build-context
+# tether-binaries=DIR` takes host-built binaries the same way (not tried here: no Docker).
+
+ARG BINARIES=build
+ARG RUNTIME_BASE=gcr.io/distroless/cc-debian12:nonroot
+ARG SESSION_BASE=debian:bookworm-slim
+ARG SESSION_SYSTEM=session-system
 
 FROM node:20-bookworm AS web
 WORKDIR /web
@@ -26,28 +58,40 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
        target/release/tether-session-agent /out/ \
  && (cp target/release/kubectl-tether /out/ 2>/dev/null || true)
 
-FROM gcr.io/distroless/cc-debian12:nonroot AS operator
-COPY --from=build /out/tether-operator /usr/local/bin/tether-operator
+# Binaries built outside this Dockerfile (BINARIES=prebuilt), laid out as `build` leaves them.
+FROM scratch AS prebuilt
+COPY --from=tether-binaries tether-operator tether-gateway tether-session-agent /out/
+
+# What the final stages copy from: `build` unless BINARIES says otherwise.
+FROM ${BINARIES} AS binaries
+
+FROM ${RUNTIME_BASE} AS operator
+COPY --from=binaries /out/tether-operator /usr/local/bin/tether-operator
 USER 65532:65532
 EXPOSE 8080
 ENTRYPOINT ["/usr/local/bin/tether-operator"]
 
-FROM gcr.io/distroless/cc-debian12:nonroot AS gateway
-COPY --from=build /out/tether-gateway /usr/local/bin/tether-gateway
+FROM ${RUNTIME_BASE} AS gateway
+COPY --from=binaries /out/tether-gateway /usr/local/bin/tether-gateway
 USER 65532:65532
 EXPOSE 8443
 ENTRYPOINT ["/usr/local/bin/tether-gateway"]
 
-# The session image: the agent, tmux and the shells users ask for. The operator mounts writable
-# emptyDirs for the home directory and /tmp, so the root file system stays read-only.
-FROM debian:bookworm-slim AS session
+# The session image's system: tmux, the shells users ask for, a locale and the `tether` user.
+# A stage of its own only so that a build which changes nothing but the agent can start from an
+# image of it (SESSION_SYSTEM, below) instead of running apt again; `session` is the same image.
+FROM ${SESSION_BASE} AS session-system
 RUN apt-get update \
  && apt-get install -y --no-install-recommends tmux bash zsh fish ca-certificates less vim-tiny procps locales \
  && sed -i 's/^# *en_US.UTF-8/en_US.UTF-8/' /etc/locale.gen && locale-gen \
  && rm -rf /var/lib/apt/lists/* \
  && groupadd --gid 1000 tether && useradd --uid 1000 --gid 1000 --home-dir /home/tether --shell /bin/bash tether
 ENV LANG=en_US.UTF-8 TERM=xterm-256color
-COPY --from=build /out/tether-session-agent /usr/local/bin/tether-session-agent
+
+# The session image: the agent, tmux and the shells users ask for. The operator mounts writable
+# emptyDirs for the home directory and /tmp, so the root file system stays read-only.
+FROM ${SESSION_SYSTEM} AS session
+COPY --from=binaries /out/tether-session-agent /usr/local/bin/tether-session-agent
 USER 1000:1000
 WORKDIR /home/tether
 EXPOSE 7681

@@ -328,6 +328,8 @@ pub mod conditions {
     pub const REASON_EVICTED: &str = "Evicted";
     /// Failed: the session container ran out of memory.
     pub const REASON_OOM_KILLED: &str = "OOMKilled";
+    /// Failed: the session's command does not exist or cannot be executed in the image.
+    pub const REASON_COMMAND_NOT_FOUND: &str = "CommandNotFound";
     /// Failed: the agent exited without saying why (crash, bad image...).
     pub const REASON_AGENT_FAILED: &str = "AgentFailed";
 }

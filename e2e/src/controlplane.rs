@@ -8,7 +8,7 @@
 
 use std::{
     fs,
-    net::TcpListener,
+    net::{Ipv4Addr, TcpListener},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Mutex, OnceLock},
@@ -83,13 +83,24 @@ pub struct Options {
     pub dir: PathBuf,
     /// Port of the API server; 0 picks a free one.
     pub api_port: u16,
+    /// Address the API server listens on and advertises: 127.0.0.1 when `None`. A real node's
+    /// pods reach the API server through the `kubernetes` Service, so under one it is the node
+    /// bridge's address (see [`crate::realnode`]), and the Service's endpoints are kept by the
+    /// API server's lease reconciler.
+    pub bind: Option<Ipv4Addr>,
 }
+
+/// The first address of the Service range, which the `kubernetes` Service gets.
+pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+/// The Service address range.
+pub const SERVICE_CIDR: &str = "10.96.0.0/16";
 
 /// A running control plane. Dropping it stops every process.
 #[derive(Debug)]
 pub struct ControlPlane {
     dir: PathBuf,
     server: String,
+    bind: Ipv4Addr,
     ca: Authority,
     admin_kubeconfig: PathBuf,
     children: Mutex<Vec<(String, Child)>>,
@@ -113,7 +124,11 @@ impl ControlPlane {
                         .build()
                         .expect("a tokio runtime");
                     let dir = shared_dir();
-                    let started = rt.block_on(ControlPlane::start(Options { dir, api_port: 0 }));
+                    let started = rt.block_on(ControlPlane::start(Options {
+                        dir,
+                        api_port: 0,
+                        bind: None,
+                    }));
                     let failed = started.is_err();
                     tx.send(started)
                         .expect("the test thread waits for the control plane");
@@ -147,12 +162,27 @@ impl ControlPlane {
         }
         fs::create_dir_all(dir.join("logs")).map_err(io(format!("creating {}", dir.display())))?;
 
+        let bind = opts.bind.unwrap_or(Ipv4Addr::LOCALHOST);
         let ca = Authority::new();
-        let serving = ca.serving(&[]);
+        // The names in-cluster clients use: the `kubernetes` Service's address and DNS names.
+        let serving = ca.serving_for(
+            &[
+                "localhost",
+                "kubernetes",
+                "kubernetes.default",
+                "kubernetes.default.svc",
+                "kubernetes.default.svc.cluster.local",
+            ],
+            &[bind.into(), KUBERNETES_SERVICE_IP.into()],
+        );
         let admin = ca.client("tether-admin", Some("system:masters"));
+        // What the API server presents to kubelets for logs, exec and port-forward.
+        let kubelet_client = ca.client("kube-apiserver-kubelet-client", Some("system:masters"));
         write(&dir.join("ca.crt"), &ca.cert_pem())?;
         write(&dir.join("apiserver.crt"), &serving.cert_pem)?;
         write(&dir.join("apiserver.key"), &serving.key_pem)?;
+        write(&dir.join("kubelet-client.crt"), &kubelet_client.cert_pem)?;
+        write(&dir.join("kubelet-client.key"), &kubelet_client.key_pem)?;
         let (sa_key, sa_pub) = pki::service_account_key();
         write(&dir.join("sa.key"), &sa_key)?;
         write(&dir.join("sa.pub"), &sa_pub)?;
@@ -164,7 +194,7 @@ impl ControlPlane {
         } else {
             opts.api_port
         };
-        let server = format!("https://127.0.0.1:{api_port}");
+        let server = format!("https://{bind}:{api_port}");
         let admin_kubeconfig = dir.join("admin.kubeconfig");
         write(
             &admin_kubeconfig,
@@ -179,6 +209,7 @@ impl ControlPlane {
         let cp = ControlPlane {
             dir: dir.clone(),
             server,
+            bind,
             ca,
             admin_kubeconfig,
             children: Mutex::new(Vec::new()),
@@ -201,6 +232,16 @@ impl ControlPlane {
     /// The API server's URL.
     pub fn server(&self) -> &str {
         &self.server
+    }
+
+    /// The address the API server listens on.
+    pub fn bind_address(&self) -> Ipv4Addr {
+        self.bind
+    }
+
+    /// The control plane's certificate authority, which also signs the node's certificates.
+    pub fn authority(&self) -> &Authority {
+        &self.ca
     }
 
     /// The directory of this control plane's files (logs in `logs/`).
@@ -377,15 +418,22 @@ impl ControlPlane {
 
     fn spawn_apiserver(&self, bins: &Binaries, etcd_port: u16, port: u16) -> Result<(), Error> {
         let d = |f: &str| self.dir.join(f).display().to_string();
+        let loopback = self.bind.is_loopback();
         let args = vec![
             format!("--etcd-servers=http://127.0.0.1:{etcd_port}"),
             format!("--secure-port={port}"),
-            "--bind-address=127.0.0.1".to_string(),
-            "--advertise-address=127.0.0.1".to_string(),
+            format!("--bind-address={}", self.bind),
+            format!("--advertise-address={}", self.bind),
             format!("--tls-cert-file={}", d("apiserver.crt")),
             format!("--tls-private-key-file={}", d("apiserver.key")),
             format!("--client-ca-file={}", d("ca.crt")),
-            "--service-cluster-ip-range=10.96.0.0/16".to_string(),
+            format!("--service-cluster-ip-range={SERVICE_CIDR}"),
+            // Logs, exec and port-forward go to the kubelet at its InternalIP (the node has no
+            // DNS name), with a client certificate, checking the kubelet's serving certificate.
+            format!("--kubelet-client-certificate={}", d("kubelet-client.crt")),
+            format!("--kubelet-client-key={}", d("kubelet-client.key")),
+            format!("--kubelet-certificate-authority={}", d("ca.crt")),
+            "--kubelet-preferred-address-types=InternalIP".to_string(),
             "--authorization-mode=Node,RBAC".to_string(),
             "--enable-admission-plugins=NodeRestriction".to_string(),
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local".to_string(),
@@ -394,7 +442,12 @@ impl ControlPlane {
             // Privileged pods are allowed cluster-wide so that Pod Security admission, enforced
             // per namespace by label, is what refuses them.
             "--allow-privileged=true".to_string(),
-            "--endpoint-reconciler-type=none".to_string(),
+            // On loopback no pod could use the `kubernetes` Service's endpoints; under a real node
+            // they must point at this server.
+            format!(
+                "--endpoint-reconciler-type={}",
+                if loopback { "none" } else { "lease" }
+            ),
             "--enable-priority-and-fairness=false".to_string(),
             "--profiling=false".to_string(),
             "--v=1".to_string(),
@@ -410,9 +463,10 @@ impl ControlPlane {
             "--secure-port=0".to_string(),
             // Only what the tests and `cargo dev up` rely on: owner-reference garbage
             // collection, namespace deletion, service accounts and their tokens, quota usage,
-            // aggregated cluster roles, and node lifecycle (it lifts the not-ready taint new
-            // nodes are created with, once the local node reports Ready).
-            "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,resourcequota-controller,node-lifecycle-controller".to_string(),
+            // aggregated cluster roles, node lifecycle (it lifts the not-ready taint new
+            // nodes are created with, once the node reports Ready), and what the chart's
+            // Deployments, Services and PodDisruptionBudgets need on a real node.
+            "--controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller,root-ca-certificate-publisher-controller,clusterrole-aggregation-controller,resourcequota-controller,node-lifecycle-controller,deployment-controller,replicaset-controller,endpoints-controller,endpointslice-controller,disruption-controller,pod-garbage-collector-controller".to_string(),
             "--node-monitor-period=2s".to_string(),
             format!("--service-account-private-key-file={}", d("sa.key")),
             format!("--root-ca-file={}", d("ca.crt")),

@@ -12,12 +12,17 @@
 //! ```
 
 pub mod binaries;
+pub mod cluster;
 pub mod controlplane;
+pub mod images;
 pub mod namespace;
 pub mod node;
 pub mod pki;
 pub mod process;
+pub mod realnode;
 pub mod stack;
+pub mod terminal;
+pub mod wait;
 
 pub use controlplane::{ControlPlane, Options, client_from_kubeconfig, free_port, install_crds};
 pub use namespace::TestNamespace;

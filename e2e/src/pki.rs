@@ -45,8 +45,13 @@ impl Authority {
 
     /// A serving certificate for `localhost` and 127.0.0.1, and for `extra_ips`.
     pub fn serving(&self, extra_ips: &[IpAddr]) -> CertPair {
+        self.serving_for(&["localhost", "kubernetes"], extra_ips)
+    }
+
+    /// A serving certificate for the DNS names `names`, 127.0.0.1 and `extra_ips`.
+    pub fn serving_for(&self, names: &[&str], extra_ips: &[IpAddr]) -> CertPair {
         let mut params =
-            CertificateParams::new(vec!["localhost".to_string(), "kubernetes".to_string()])
+            CertificateParams::new(names.iter().map(|n| n.to_string()).collect::<Vec<_>>())
                 .expect("valid DNS names");
         params
             .subject_alt_names

@@ -68,18 +68,7 @@ impl Stack {
         let (signing, public) = tether_protocol::ticket::generate_keypair();
         write_private(&opts.dir.join("ticket-signing.pem"), &signing)?;
         write_private(&opts.dir.join("ticket-public.pem"), &public)?;
-        let users = vec![
-            DevUser {
-                user: "alice".into(),
-                group: "tether-devs".into(),
-                token: random_token(),
-            },
-            DevUser {
-                user: "bob".into(),
-                group: "pair-watchers".into(),
-                token: random_token(),
-            },
-        ];
+        let users = dev_users();
         let tokens: String = users
             .iter()
             .map(|u| format!("{},{},{}\n", u.token, u.user, u.group))
@@ -279,9 +268,26 @@ impl Drop for Stack {
     }
 }
 
+/// The development users with fresh random tokens: `alice` (group tether-devs, who may attach in
+/// `examples/`) and `bob` (group pair-watchers, who may only observe).
+pub fn dev_users() -> Vec<DevUser> {
+    vec![
+        DevUser {
+            user: "alice".into(),
+            group: "tether-devs".into(),
+            token: random_token(),
+        },
+        DevUser {
+            user: "bob".into(),
+            group: "pair-watchers".into(),
+            token: random_token(),
+        },
+    ]
+}
+
 /// `cargo dev` runs as `tether-dev`; tests run from their own binary and find it next to the
 /// other binaries of the workspace.
-fn dev_binary(current: &Path) -> anyhow::Result<PathBuf> {
+pub fn dev_binary(current: &Path) -> anyhow::Result<PathBuf> {
     if current.file_name().is_some_and(|n| n == "tether-dev") {
         return Ok(current.to_path_buf());
     }

@@ -14,7 +14,7 @@ use kube::{
 };
 use serde::Deserialize;
 use tether_api::TerminalSession;
-use tether_e2e::{ControlPlane, binaries, binaries::repo_root};
+use tether_e2e::{ControlPlane, binaries, binaries::repo_root, wait::eventually};
 
 async fn control_plane() -> &'static ControlPlane {
     let cp = ControlPlane::shared().await;
@@ -89,27 +89,28 @@ async fn the_basic_example_is_created_read_back_and_listed_with_printer_columns(
 async fn kubectl_explain_shows_the_field_descriptions() {
     let cp = control_plane().await;
     // Discovery of a new CRD can lag its Established condition by a moment.
-    let mut last = String::new();
-    for _ in 0..50 {
-        let (ok, text) = kubectl(cp, &["explain", "terminalsession.spec"]);
-        if ok {
-            for needle in [
-                "idleTimeoutSeconds",
-                "Between 5 seconds and 7 days",
-                "className",
-                "StorageClass",
-            ] {
-                assert!(
-                    text.contains(needle),
-                    "`kubectl explain` lacks {needle:?}:\n{text}"
-                );
+    let text = eventually(
+        "kubectl explain terminalsession.spec succeeds",
+        Duration::from_secs(10),
+        || async {
+            match kubectl(cp, &["explain", "terminalsession.spec"]) {
+                (true, text) => Ok(text),
+                (false, text) => Err(text),
             }
-            return;
-        }
-        last = text;
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        },
+    )
+    .await;
+    for needle in [
+        "idleTimeoutSeconds",
+        "Between 5 seconds and 7 days",
+        "className",
+        "StorageClass",
+    ] {
+        assert!(
+            text.contains(needle),
+            "`kubectl explain` lacks {needle:?}:\n{text}"
+        );
     }
-    panic!("kubectl explain terminalsession.spec failed: {last}");
 }
 
 #[derive(Deserialize)]
@@ -228,20 +229,18 @@ async fn rbac_forbids_an_ordinary_user_until_a_role_binding_allows_it() {
         .await
         .unwrap();
     // The authorizer learns of new bindings through a watch: allow it a moment.
-    let mut last = None;
-    for _ in 0..100 {
-        match sessions.create(&PostParams::default(), &session).await {
-            Ok(_) => {
-                last = None;
-                break;
-            }
-            Err(e) => last = Some(e),
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    if let Some(e) = last {
-        panic!("the group binding did not let alice create a session: {e}");
-    }
+    eventually(
+        "the group binding lets alice create a session",
+        Duration::from_secs(10),
+        || async {
+            sessions
+                .create(&PostParams::default(), &session)
+                .await
+                .map(drop)
+                .map_err(|e| e.to_string())
+        },
+    )
+    .await;
     // The binding grants create and get, nothing more.
     let err = sessions
         .delete("alice-1", &DeleteParams::default())
@@ -302,14 +301,16 @@ async fn deleting_an_owner_garbage_collects_what_it_owns() {
     maps.delete("owner", &DeleteParams::background())
         .await
         .unwrap();
-    for _ in 0..300 {
-        if maps.get_opt("owned").await.unwrap().is_none() {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "the owned ConfigMap survived its owner for 30s; controller-manager log:\n{}",
+    let what = format!(
+        "the owned ConfigMap goes with its owner (controller-manager log:\n{})",
         cp.log_tail("kube-controller-manager", 20)
     );
+    eventually(&what, Duration::from_secs(30), || async {
+        match maps.get_opt("owned").await {
+            Ok(None) => Ok(()),
+            Ok(Some(_)) => Err("still there".to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    })
+    .await;
 }

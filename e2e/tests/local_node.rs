@@ -12,6 +12,7 @@ use kube::{
 use tether_e2e::{
     ControlPlane,
     node::{self, NodeOptions},
+    wait::eventually,
 };
 
 const NODE: &str = "tether-test-node";
@@ -77,19 +78,18 @@ fn merge(a: &mut serde_json::Value, b: serde_json::Value) {
 }
 
 async fn wait_for(pods: &Api<Pod>, name: &str, what: &str, pred: impl Fn(&Pod) -> bool) -> Pod {
-    for _ in 0..600 {
-        if let Some(pod) = pods.get_opt(name).await.unwrap()
-            && pred(&pod)
-        {
-            return pod;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let pod = pods.get_opt(name).await.unwrap();
-    panic!(
-        "pod {name} never got {what}; it is {}",
-        serde_json::to_string_pretty(&pod.map(|p| p.status)).unwrap()
-    );
+    eventually(
+        &format!("pod {name} gets {what}"),
+        Duration::from_secs(60),
+        || async {
+            match pods.get_opt(name).await {
+                Ok(Some(pod)) if pred(&pod) => Ok(pod),
+                Ok(pod) => Err(serde_json::to_string_pretty(&pod.map(|p| p.status)).unwrap()),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await
 }
 
 fn phase(pod: &Pod) -> &str {
@@ -177,18 +177,23 @@ async fn pods_run_as_local_processes_with_kubelet_status() {
     pods.delete("serves", &DeleteParams::default())
         .await
         .unwrap();
-    for _ in 0..300 {
-        if pods.get_opt("serves").await.unwrap().is_none() {
-            let refused = tokio::net::TcpStream::connect((ip.as_str(), 8080))
-                .await
-                .is_err();
-            assert!(
-                refused,
-                "the process of a deleted pod still listens on {ip}:8080"
-            );
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("the deleted pod was never removed by the local node");
+    eventually(
+        "the local node removes the deleted pod",
+        Duration::from_secs(30),
+        || async {
+            match pods.get_opt("serves").await {
+                Ok(None) => Ok(()),
+                Ok(Some(_)) => Err("still there".to_string()),
+                Err(e) => Err(e.to_string()),
+            }
+        },
+    )
+    .await;
+    let refused = tokio::net::TcpStream::connect((ip.as_str(), 8080))
+        .await
+        .is_err();
+    assert!(
+        refused,
+        "the process of a deleted pod still listens on {ip}:8080"
+    );
 }

@@ -487,9 +487,20 @@ pub async fn run(
         }
     });
     tokio::spawn(async move {
-        if store.wait_until_ready().await.is_ok() {
-            ready.store(true, Ordering::SeqCst);
-            info!("watch caches synced");
+        // kube-runtime's readiness future keeps the waker of only one of its concurrent waiters
+        // (the controller waits on it too), so a lone `.await` here may never be woken: the
+        // leader then stayed unready forever on a real node. Look again every 250 ms instead;
+        // once the controller's waiter has seen the store ready, every new look sees it.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(250), store.wait_until_ready()).await {
+                Ok(Ok(())) => {
+                    ready.store(true, Ordering::SeqCst);
+                    info!("watch caches synced");
+                    break;
+                }
+                Ok(Err(_)) => break,
+                Err(_) => {}
+            }
         }
     });
     controller

@@ -383,6 +383,14 @@ fn from_termination(session: &TerminalSession, t: &ContainerStateTerminated) -> 
                 ),
             )
         }
+        Some(m) if m.reason == c::REASON_COMMAND_NOT_FOUND => Outcome::new(
+            Failed,
+            c::REASON_COMMAND_NOT_FOUND,
+            format!(
+                "The session's command could not be started, so there was no shell.{}",
+                said(&m)
+            ),
+        ),
         Some(m) if m.reason == c::REASON_TERMINATED => Outcome::new(
             Failed,
             c::REASON_TERMINATED,
@@ -680,6 +688,23 @@ mod tests {
         let st = status(&s, PodState::Present(&pod));
         assert_eq!(st.phase, Some(SessionPhase::Failed));
         assert_eq!(st.reason.as_deref(), Some(c::REASON_TERMINATED));
+    }
+
+    #[test]
+    fn a_command_that_cannot_start_fails_the_session_naming_it() {
+        let s = TerminalSession::test();
+        let pod = s.test_pod().scheduled().terminated(
+            r#"{"reason":"CommandNotFound","message":"the session command \"/bin/nonexistent-shell\" cannot be started: /bin/nonexistent-shell: No such file or directory (os error 2)"}"#,
+            1,
+        );
+        let st = status(&s, PodState::Present(&pod));
+        assert_eq!(st.phase, Some(SessionPhase::Failed));
+        assert_eq!(st.reason.as_deref(), Some(c::REASON_COMMAND_NOT_FOUND));
+        assert!(st.message.unwrap().contains("/bin/nonexistent-shell"));
+        assert_eq!(
+            st.exit_code, None,
+            "no shell ran, so there is no exit status"
+        );
     }
 
     #[test]

@@ -36,6 +36,47 @@ pub enum Error {
     Pty(#[source] pty_process::Error),
     #[error("ticket public key: {0}")]
     Ticket(#[source] tether_protocol::ticket::TicketError),
+    /// The session's command cannot be executed, so there is no shell to serve.
+    #[error("the session command {command:?} cannot be started: {why}")]
+    CommandNotFound { command: String, why: String },
+}
+
+/// Checks that `argv[0]` names a program `execvp(3)` would run with `path` (the `PATH` the
+/// shell gets): an executable file, given by its path or found in one of `path`'s directories.
+/// tmux would otherwise start, fail to exec it in the pane and report status 127 as if a shell
+/// had run and exited.
+pub fn check_command(argv: &[String], path: Option<&std::ffi::OsStr>) -> Result<()> {
+    use nix::unistd::{AccessFlags, access};
+    let Some(program) = argv.first() else {
+        return Err(Error::Config("the session command is empty".into()));
+    };
+    let not_found = |why: String| Error::CommandNotFound {
+        command: program.clone(),
+        why,
+    };
+    let usable = |p: &Path| -> std::result::Result<(), String> {
+        let meta = std::fs::metadata(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        if !meta.is_file() {
+            return Err(format!("{} is not a file", p.display()));
+        }
+        access(p, AccessFlags::X_OK).map_err(|e| format!("{} is not executable: {e}", p.display()))
+    };
+    if program.contains('/') {
+        return usable(Path::new(program)).map_err(not_found);
+    }
+    let dirs = path.map(std::env::split_paths).into_iter().flatten();
+    let mut tried = Vec::new();
+    for dir in dirs {
+        let candidate = dir.join(program);
+        match usable(&candidate) {
+            Ok(()) => return Ok(()),
+            Err(_) => tried.push(dir.display().to_string()),
+        }
+    }
+    Err(not_found(format!(
+        "no executable {program} in PATH ({})",
+        tried.join(":")
+    )))
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -53,7 +94,7 @@ pub enum Outcome {
 
 /// The container termination message, one line of JSON. The operator maps `reason`:
 /// `ShellExited` → phase Succeeded, `IdleTimeout` → Expired, `Terminated` → (pod deleted),
-/// `Error` → Failed.
+/// `CommandNotFound` and `Error` → Failed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct TerminationMessage {
@@ -86,7 +127,10 @@ impl TerminationMessage {
 
     pub fn error(e: &Error) -> Self {
         Self {
-            reason: "Error",
+            reason: match e {
+                Error::CommandNotFound { .. } => "CommandNotFound",
+                _ => "Error",
+            },
             exit_code: None,
             message: e.to_string(),
         }
@@ -111,4 +155,48 @@ pub async fn bind_and_run(
         .await
         .map_err(|e| Error::Io(format!("bind {}", config.listen), e))?;
     run(config, listener, shutdown).await
+}
+
+#[cfg(test)]
+mod command_tests {
+    use super::*;
+
+    fn argv(s: &str) -> Vec<String> {
+        vec![s.to_string()]
+    }
+
+    #[test]
+    fn an_absolute_program_must_exist_and_be_executable() {
+        assert!(check_command(&argv("/bin/sh"), None).is_ok());
+        let e = check_command(&argv("/bin/nonexistent-shell"), None).unwrap_err();
+        assert!(matches!(e, Error::CommandNotFound { .. }), "{e}");
+        assert!(e.to_string().contains("/bin/nonexistent-shell"), "{e}");
+        // A directory and a file without the execute bit are no programs either.
+        assert!(check_command(&argv("/tmp"), None).is_err());
+        let f = tempfile::NamedTempFile::new().unwrap();
+        assert!(check_command(&argv(f.path().to_str().unwrap()), None).is_err());
+    }
+
+    #[test]
+    fn a_bare_name_is_looked_up_in_path() {
+        let path = std::ffi::OsString::from("/nonexistent:/usr/bin:/bin");
+        assert!(check_command(&argv("sh"), Some(&path)).is_ok());
+        let e = check_command(&argv("no-such-shell-anywhere"), Some(&path)).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("no executable no-such-shell-anywhere in PATH"),
+            "{e}"
+        );
+        assert!(
+            check_command(&argv("sh"), None).is_err(),
+            "no PATH, no lookup"
+        );
+        assert!(check_command(&[], None).is_err());
+    }
+
+    #[test]
+    fn the_termination_message_names_the_reason() {
+        let e = check_command(&argv("/bin/nonexistent-shell"), None).unwrap_err();
+        assert_eq!(TerminationMessage::error(&e).reason, "CommandNotFound");
+    }
 }

@@ -100,6 +100,7 @@ async fn serve(
     tmux: Tmux,
     size: Size,
 ) -> Result<Outcome> {
+    crate::check_command(&cfg.command, std::env::var_os("PATH").as_deref())?;
     tmux.start(&cfg.state_dir, &cfg.command, size).await?;
     let agent = Arc::new(Agent {
         tmux: tmux.clone(),

@@ -16,9 +16,20 @@ use anyhow::{Context as _, bail};
 use clap::{Parser, Subcommand};
 use tether_e2e::{
     ControlPlane, Options, binaries,
+    cluster::{Cluster, ClusterOptions},
     node::{self, NodeOptions},
+    realnode,
     stack::{self, Stack, StackOptions},
 };
+
+/// Which node `cargo dev up` runs.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum NodeKind {
+    /// A real kubelet with containerd and runc.
+    Real,
+    /// Pods as processes on this machine (no root needed, no isolation).
+    Process,
+}
 
 #[derive(Parser, Debug)]
 #[command(name = "cargo dev", about = "Run Tether locally and test it", version)]
@@ -29,15 +40,29 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Start the local control plane with Tether installed; stop with Ctrl-C.
+    /// Start a local cluster with Tether installed; stop with Ctrl-C.
     Up {
         /// Port of the local kube-apiserver (0 picks a free one).
         #[arg(long, default_value_t = 6443)]
         api_port: u16,
-        /// Port of the gateway, where the page is served (0 picks a free one).
-        #[arg(long, default_value_t = 8443)]
-        gateway_port: u16,
+        /// Port of the gateway, where the page is served. With `--node=real` it is the gateway
+        /// Service's node port on the node's bridge address (30000-32767); with
+        /// `--node=process`, a port on 127.0.0.1 (0 picks a free one).
+        #[arg(long)]
+        gateway_port: Option<u16>,
+        /// `real`: containerd, runc, kubelet, kube-proxy and kube-router on this machine, the
+        /// images built from the Dockerfile, the chart installed with helm (needs root on
+        /// Linux). `process`: the stand-in that runs each session pod as a plain process on
+        /// this machine, with no container, image, cgroup, user or network isolation.
+        #[arg(long, value_enum, default_value_t = NodeKind::Real)]
+        node: NodeKind,
     },
+    /// Remove what a killed real node left on this machine (containers, mounts, network
+    /// namespaces, the bridge, iptables chains, ipsets, cgroups) and list anything that remains.
+    CleanNode,
+    /// Wait for standard input to end, then remove the real node (started by the harness).
+    #[command(hide = true)]
+    ReapNode,
     /// Install what the tests need, then run formatting, lint and the whole test suite.
     Test {
         /// Skip `cargo fmt --check` and clippy (for a quick local loop; CI runs them).
@@ -48,7 +73,13 @@ enum Cmd {
         cargo_test_args: Vec<String>,
     },
     /// Build (or find in the cache) the control-plane binaries and print where they are.
-    BuildControlPlane,
+    BuildControlPlane {
+        /// Also build the real node's binaries (kubelet, kube-proxy, containerd, ctr,
+        /// containerd-shim-runc-v2, kube-router, pause) and print their directory on a second
+        /// line.
+        #[arg(long)]
+        node: bool,
+    },
     /// Run the local node (used by `up` and the tests; runs until killed).
     #[command(hide = true)]
     LocalNode {
@@ -73,7 +104,15 @@ fn main() -> ExitCode {
         Cmd::Up {
             api_port,
             gateway_port,
-        } => up(api_port, gateway_port),
+            node: NodeKind::Process,
+        } => up(api_port, gateway_port.unwrap_or(8443)),
+        Cmd::Up {
+            api_port,
+            gateway_port,
+            node: NodeKind::Real,
+        } => up_real(api_port, gateway_port.unwrap_or(30443)),
+        Cmd::CleanNode => clean_node(),
+        Cmd::ReapNode => reap_node(),
         Cmd::LocalNode {
             kubeconfig,
             name,
@@ -84,7 +123,7 @@ fn main() -> ExitCode {
             no_lint,
             cargo_test_args,
         } => test(no_lint, &cargo_test_args),
-        Cmd::BuildControlPlane => build_control_plane(),
+        Cmd::BuildControlPlane { node } => build_control_plane(node),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -95,7 +134,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn build_control_plane() -> anyhow::Result<()> {
+fn build_control_plane(node: bool) -> anyhow::Result<()> {
     let bins = binaries::ensure()?;
     println!(
         "{}",
@@ -104,6 +143,9 @@ fn build_control_plane() -> anyhow::Result<()> {
             .expect("binaries live in a directory")
             .display()
     );
+    if node {
+        println!("{}", binaries::ensure_node()?.dir().display());
+    }
     Ok(())
 }
 
@@ -123,6 +165,7 @@ fn up(api_port: u16, gateway_port: u16) -> anyhow::Result<()> {
         let cp = ControlPlane::start(Options {
             dir: state.join("controlplane"),
             api_port,
+            bind: None,
         })
         .await
         .context("starting the local control plane")?;
@@ -189,6 +232,122 @@ fn up(api_port: u16, gateway_port: u16) -> anyhow::Result<()> {
     })
 }
 
+/// The real node: the images, the chart, the examples; prints the URL and runs until Ctrl-C.
+fn up_real(api_port: u16, node_port: u16) -> anyhow::Result<()> {
+    if !(30000..=32767).contains(&node_port) {
+        bail!("--gateway-port {node_port} is not a node port (30000-32767) of the real node");
+    }
+    // Before anything slow: a machine that cannot run the node is told so at once.
+    realnode::preflight()?;
+    let root = binaries::repo_root();
+    let state = root.join(".tether");
+    let started = std::time::Instant::now();
+    let mut packages = vec!["tmux"];
+    packages.extend_from_slice(realnode::DEBIAN_PACKAGES);
+    ensure_debian_packages(&packages)?;
+    build_page(&root)?;
+    step("building the control plane (cached after the first run)");
+    let bins = binaries::ensure()?;
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    rt.block_on(async {
+        let cluster = Cluster::start(ClusterOptions {
+            dir: state.join("cluster"),
+            api_port,
+            gateway_node_port: node_port,
+            operator_args: vec![],
+        })
+        .await?;
+        let kubeconfig = state.join("kubeconfig");
+        std::fs::copy(cluster.cp.admin_kubeconfig(), &kubeconfig)
+            .with_context(|| format!("writing {}", kubeconfig.display()))?;
+        step("applying examples/ (kustomization: namespace tether-demo)");
+        let examples = root.join("examples");
+        stack::kubectl_apply(
+            cluster.cp.admin_kubeconfig(),
+            &["-k", &examples.display().to_string()],
+            None,
+        )?;
+        cluster.stack.wait_gateway_ready().await?;
+        let took = since_cargo_started().unwrap_or_else(|| started.elapsed());
+        println!();
+        println!(
+            "Tether is up in {:.0}s on a real node. Open {}",
+            took.as_secs_f64(),
+            cluster.stack.url()
+        );
+        println!(
+            "(the gateway Service's NodePort on the node's bridge address: reachable from this \
+             machine only)"
+        );
+        print_access(&cluster.stack.users, &kubeconfig, &bins);
+        println!(
+            "Logs: kubectl logs -n tether-system deploy/tether-gateway; node logs in {}.",
+            cluster.node().await.dir().join("logs").display()
+        );
+        println!("Press Ctrl-C to stop everything.");
+        tokio::signal::ctrl_c()
+            .await
+            .context("waiting for Ctrl-C")?;
+        println!("\nStopping the node, its pods and the control plane.");
+        drop(cluster);
+        let left = realnode::leftovers();
+        if !left.is_empty() {
+            bail!(
+                "the node left this behind (run `cargo dev clean-node`):\n  {}",
+                left.join("\n  ")
+            );
+        }
+        println!("Stopped; nothing of the node is left on this machine.");
+        Ok(())
+    })
+}
+
+fn print_access(users: &[stack::DevUser], kubeconfig: &Path, bins: &binaries::Binaries) {
+    println!();
+    for user in users {
+        let role = if user.user == "alice" {
+            "attach and observe"
+        } else {
+            "observe only"
+        };
+        println!("  token for {} ({role}): {}", user.user, user.token);
+    }
+    println!();
+    println!("  export KUBECONFIG={}", kubeconfig.display());
+    println!(
+        "  export PATH={}:$PATH   # kubectl {}",
+        bins.kubectl
+            .parent()
+            .expect("binaries live in a directory")
+            .display(),
+        binaries::KUBERNETES_VERSION
+    );
+    println!("  kubectl get ts -n tether-demo -w");
+    println!();
+}
+
+fn clean_node() -> anyhow::Result<()> {
+    realnode::cleanup();
+    let left = realnode::leftovers();
+    if left.is_empty() {
+        println!("nothing of a real node is left on this machine");
+        return Ok(());
+    }
+    bail!("still left:\n  {}", left.join("\n  "))
+}
+
+fn reap_node() -> anyhow::Result<()> {
+    // Ctrl-C reaches the whole process group: outlive it to clean up after the others.
+    #[allow(unsafe_code)]
+    // SAFETY: replacing a signal disposition with SIG_IGN installs no handler code.
+    unsafe {
+        use nix::sys::signal::{SigHandler, Signal, signal};
+        signal(Signal::SIGINT, SigHandler::SigIgn)?;
+        signal(Signal::SIGTERM, SigHandler::SigIgn)?;
+    }
+    realnode::reap()
+}
+
 fn local_node(
     kubeconfig: std::path::PathBuf,
     name: String,
@@ -239,8 +398,13 @@ fn build_page(root: &Path) -> anyhow::Result<()> {
 
 fn test(no_lint: bool, cargo_test_args: &[String]) -> anyhow::Result<()> {
     let root = binaries::repo_root();
-    // tmux for the agent's tests, Chromium for the browser tests.
-    ensure_debian_packages(&["tmux", "chromium"])?;
+    // The end-to-end tests run on the real node: say at once when this machine cannot.
+    realnode::preflight()?;
+    // tmux for the agent's tests, Chromium for the browser tests, runc, CNI, iptables, buildah
+    // and mmdebstrap for the real node and its images.
+    let mut packages = vec!["tmux", "chromium"];
+    packages.extend_from_slice(realnode::DEBIAN_PACKAGES);
+    ensure_debian_packages(&packages)?;
     // Before any cargo build: the gateway embeds the page at compile time.
     build_page(&root)?;
     step("building the control plane (cached after the first run)");
@@ -250,6 +414,8 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> anyhow::Result<()> {
         .parent()
         .expect("binaries live in a directory")
         .to_path_buf();
+    step("building the node: kubelet, kube-proxy, containerd, kube-router (cached)");
+    let node_bins = binaries::ensure_node()?;
     let web = root.join("ws-gateway/web");
     if !no_lint {
         // esbuild strips types without checking them.
@@ -285,6 +451,7 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> anyhow::Result<()> {
         .args(["test", "--workspace", "--no-fail-fast"])
         .args(cargo_test_args)
         .env("TETHER_CONTROLPLANE_BIN", &bin_dir)
+        .env("TETHER_NODE_BIN", node_bins.dir())
         .env("PATH", path))?;
     step("all checks passed");
     Ok(())
@@ -337,7 +504,11 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 /// Installs the Debian packages the tests need when running as root; otherwise names the exact
 /// command and stops, since a test run must not ask for a password halfway through.
 fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = packages.iter().copied().filter(|p| !which(p)).collect();
+    let missing: Vec<&str> = packages
+        .iter()
+        .copied()
+        .filter(|p| !debian_package_installed(p))
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
@@ -356,6 +527,19 @@ fn ensure_debian_packages(packages: &[&str]) -> anyhow::Result<()> {
     run(Command::new("sh")
         .args(["-c", &command])
         .env("DEBIAN_FRONTEND", "noninteractive"))
+}
+
+/// Whether dpkg has `package` installed; without dpkg (not Debian), whether a command of that
+/// name is on PATH.
+fn debian_package_installed(package: &str) -> bool {
+    match Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", package])
+        .stderr(std::process::Stdio::null())
+        .output()
+    {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).contains("install ok installed"),
+        Err(_) => which(package),
+    }
 }
 
 fn which(program: &str) -> bool {
