@@ -2,6 +2,7 @@
 
 use std::{
     process::{Child, Command},
+    sync::{Mutex, OnceLock, mpsc},
     time::{Duration, Instant},
 };
 
@@ -41,4 +42,37 @@ pub fn stop_all(mut children: Vec<Child>) {
         let _ = child.kill();
         let _ = child.wait();
     }
+}
+
+type SpawnRequest = (Command, mpsc::Sender<std::io::Result<Child>>);
+
+/// Spawns `cmd` (prepared with [`die_with_parent`]) from a thread that lives as long as the
+/// process. The parent-death signal follows the *thread* that forked: a child spawned from a
+/// test's runtime worker would be killed when that test ends, not when the process does.
+pub fn spawn_kept(cmd: Command) -> std::io::Result<Child> {
+    static KEEPER: OnceLock<Mutex<mpsc::Sender<SpawnRequest>>> = OnceLock::new();
+    let keeper = KEEPER.get_or_init(|| {
+        let (tx, rx) = mpsc::channel::<SpawnRequest>();
+        std::thread::Builder::new()
+            .name("tether-e2e-spawner".into())
+            .spawn(move || {
+                for (mut cmd, reply) in rx {
+                    let _ = reply.send(cmd.spawn());
+                }
+                // Never return: children die with this thread.
+                loop {
+                    std::thread::park();
+                }
+            })
+            .expect("spawning the process keeper thread");
+        Mutex::new(tx)
+    });
+    let (tx, rx) = mpsc::channel();
+    keeper
+        .lock()
+        .expect("the keeper's sender")
+        .send((cmd, tx))
+        .map_err(|_| std::io::Error::other("the process keeper thread is gone"))?;
+    rx.recv()
+        .map_err(|_| std::io::Error::other("the process keeper thread is gone"))?
 }

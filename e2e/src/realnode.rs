@@ -416,8 +416,7 @@ impl RealNode {
             .stdout(log.try_clone()?)
             .stderr(log);
         process::die_with_parent(&mut cmd);
-        cmd.spawn()
-            .with_context(|| format!("starting {}", program.display()))
+        process::spawn_kept(cmd).with_context(|| format!("starting {}", program.display()))
     }
 
     async fn wait_containerd(&mut self) -> anyhow::Result<()> {
@@ -450,6 +449,8 @@ impl RealNode {
         )
     }
 
+    /// Waits until this kubelet answers its health check and the Node is Ready (a Node still
+    /// Ready from a kubelet before a restart says nothing about this one, its health check does).
     async fn wait_node_ready(&mut self, cp: &ControlPlane) -> anyhow::Result<()> {
         let nodes: Api<Node> = Api::all(cp.admin_client().await);
         let deadline = Instant::now() + Duration::from_secs(90);
@@ -463,7 +464,9 @@ impl RealNode {
                     self.log_tail("kubelet", 30)
                 );
             }
-            if let Ok(Some(node)) = nodes.get_opt(NODE_NAME).await {
+            if !crate::node::probe_http([127, 0, 0, 1].into(), 10248, "/healthz").await {
+                last = "the kubelet's health check does not answer yet".into();
+            } else if let Ok(Some(node)) = nodes.get_opt(NODE_NAME).await {
                 let ready = node
                     .status
                     .and_then(|s| s.conditions)

@@ -150,7 +150,12 @@ pub fn strip_ansi(s: &str) -> String {
                         }
                     }
                 }
+                // Other escapes: intermediate bytes (such as `(` of a character set
+                // designation, ESC ( B), then one final byte.
                 Some(_) => {
+                    while chars.peek().is_some_and(|c| (' '..='/').contains(c)) {
+                        chars.next();
+                    }
                     chars.next();
                 }
                 None => {}
@@ -167,8 +172,10 @@ mod tests {
     #[test]
     fn strip_ansi_keeps_text_only() {
         assert_eq!(
-            super::strip_ansi("\u{1b}[1;32mok\u{1b}[0m\r\n\u{1b}]0;title\u{7}x"),
-            "ok\nx"
+            super::strip_ansi(
+                "\u{1b}[1;32mok\u{1b}[0m\r\n\u{1b}]0;title\u{7}x\u{1b}(Bfish\u{1b}=y"
+            ),
+            "ok\nxfishy"
         );
     }
 }
