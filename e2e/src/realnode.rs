@@ -1091,3 +1091,31 @@ fn write(path: &Path, contents: &str) -> anyhow::Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restricting {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_machine_that_cannot_run_the_node_is_told_what_is_missing_and_the_way_out() {
+        let e = super::Unsupported {
+            missing: vec!["root: …".into(), "the overlay file system".into()],
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("  - root: …\n  - the overlay file system"),
+            "{text}"
+        );
+        assert!(text.contains("cargo dev up --node=process"), "{text}");
+    }
+
+    #[test]
+    fn the_cni_config_puts_pods_on_the_bridge_with_the_node_as_gateway() {
+        let conf: serde_json::Value = serde_json::from_str(&super::cni_config()).unwrap();
+        let bridge = &conf["plugins"][0];
+        assert_eq!(bridge["bridge"], super::BRIDGE);
+        assert_eq!(bridge["isGateway"], true);
+        assert_eq!(
+            bridge["ipam"]["ranges"][0][0]["gateway"],
+            super::NODE_IP.to_string()
+        );
+    }
+}
