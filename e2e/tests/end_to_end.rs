@@ -324,7 +324,9 @@ async fn a_session_goes_from_kubectl_apply_to_a_browser_and_ends_honestly() {
 /// Not a test: the figure issue 6 asks for. `kubectl apply` of one session, then
 /// `kubectl wait --for=condition=Ready`, timed on the client, for 20 sessions one after another
 /// on the real node (TETHER_BENCH_SESSIONS changes the count). Prints p50/p99; asserts only
-/// that every session became Ready.
+/// that every session became Ready. Each asks for 10m of CPU: with the operator's default
+/// requests a two-core node schedules about 17 sessions beside the chart's pods, and the rest
+/// would wait Unschedulable.
 ///
 /// cargo test -p tether-e2e --test end_to_end -- --ignored --nocapture apply_to_ready
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -342,7 +344,7 @@ async fn apply_to_ready() {
     for i in 0..count {
         let name = format!("b{i:03}");
         let manifest = format!(
-            "apiVersion: tether.dev/v1alpha1\nkind: TerminalSession\nmetadata:\n  name: {name}\n  namespace: {}\nspec:\n  idleTimeoutSeconds: 600\n",
+            "apiVersion: tether.dev/v1alpha1\nkind: TerminalSession\nmetadata:\n  name: {name}\n  namespace: {}\nspec:\n  idleTimeoutSeconds: 600\n  resources:\n    requests: {{cpu: 10m, memory: 32Mi}}\n    limits: {{cpu: 500m, memory: 256Mi}}\n",
             ns.name()
         );
         let t0 = std::time::Instant::now();
