@@ -115,11 +115,49 @@ pub fn preflight() -> Result<(), Unsupported> {
     if !Path::new("/proc/sys/net/ipv4/ip_forward").exists() {
         missing.push("IPv4 forwarding (/proc/sys/net/ipv4/ip_forward)".to_string());
     }
+    // The node takes over /run/containerd, /var/lib/kubelet and the KUBE-* chains, and its
+    // clean-up removes them: never next to a runtime or kubelet that Tether did not start.
+    let ours = our_binary_dirs();
+    for_each_process(|pid, exe, _| {
+        if is_foreign(&exe, &ours) {
+            missing.push(format!(
+                "no other container runtime or kubelet: process {pid} runs {}, and the real node \
+                 would take over and then remove /run/containerd, /var/lib/kubelet and the \
+                 KUBE-* iptables chains; stop it first",
+                exe.display()
+            ));
+        }
+    });
     if missing.is_empty() {
         Ok(())
     } else {
         Err(Unsupported { missing })
     }
+}
+
+/// Names of the node's own daemons.
+const NODE_PROCESSES: &[&str] = &[
+    "containerd",
+    "containerd-shim-runc-v2",
+    "kubelet",
+    "kube-proxy",
+    "kube-router",
+];
+
+/// Where Tether's node binaries live: the node cache and `$TETHER_NODE_BIN`.
+fn our_binary_dirs() -> Vec<PathBuf> {
+    let mut dirs = vec![binaries::cache_root().join("node")];
+    dirs.extend(std::env::var_os("TETHER_NODE_BIN").map(PathBuf::from));
+    dirs.into_iter()
+        .map(|d| fs::canonicalize(&d).unwrap_or(d))
+        .collect()
+}
+
+/// Whether `exe` is one of the node's daemons that was not started from Tether's binaries.
+fn is_foreign(exe: &Path, ours: &[PathBuf]) -> bool {
+    exe.file_name()
+        .is_some_and(|n| NODE_PROCESSES.iter().any(|p| n == *p))
+        && !ours.iter().any(|d| exe.starts_with(d))
 }
 
 /// Options of [`RealNode::start`].
@@ -487,7 +525,8 @@ impl RealNode {
         )
     }
 
-    /// Stops every pod's processes, then the node's own, and removes what they left.
+    /// Stops every pod's processes, then the node's own. Mounts, network namespaces, chains,
+    /// ipsets and cgroups are removed once, by the reaper, when the [`NodeNetwork`] goes.
     pub fn stop(&mut self) {
         let daemons: Vec<Child> = [self.kube_router.take(), self.kube_proxy.take()]
             .into_iter()
@@ -507,7 +546,6 @@ impl RealNode {
         if let Some(containerd) = self.containerd.take() {
             process::stop_all(vec![containerd]);
         }
-        cleanup();
     }
 }
 
@@ -693,7 +731,7 @@ fn kube_proxy_config(kubeconfig: &Path) -> String {
 /// call when nothing is left; never fails (what it cannot remove it names on stderr).
 pub fn cleanup() {
     stop_pod_processes(Duration::from_secs(1));
-    kill_by_name("containerd-shim-runc-v2");
+    kill_our_shims();
     unmount_under(&[
         "/run/containerd/",
         &format!("{KUBELET_ROOT}/"),
@@ -814,9 +852,16 @@ fn kill_by_exe(exe: &Path) {
     });
 }
 
-fn kill_by_name(name: &str) {
+/// containerd's shims from Tether's binaries (a killed node's shims outlive it); never another
+/// runtime's.
+fn kill_our_shims() {
+    let ours = our_binary_dirs();
     for_each_process(|pid, exe, _| {
-        if exe.file_name().is_some_and(|n| n == name) {
+        if exe
+            .file_name()
+            .is_some_and(|n| n == "containerd-shim-runc-v2")
+            && ours.iter().any(|d| exe.starts_with(d))
+        {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
     });
@@ -1105,6 +1150,23 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("cargo dev up --node=process"), "{text}");
+    }
+
+    #[test]
+    fn only_daemons_outside_tethers_binaries_are_foreign() {
+        use std::path::{Path, PathBuf};
+        let ours = vec![PathBuf::from("/root/.cache/tether/node")];
+        let foreign = |p: &str| super::is_foreign(Path::new(p), &ours);
+        assert!(foreign("/usr/bin/containerd"), "Docker's containerd");
+        assert!(
+            foreign("/usr/local/bin/kubelet"),
+            "another cluster's kubelet"
+        );
+        assert!(foreign("/usr/bin/containerd-shim-runc-v2"));
+        assert!(!foreign("/root/.cache/tether/node/v1.34.4-abc/containerd"));
+        assert!(!foreign("/root/.cache/tether/node/v1.34.4-abc/kube-router"));
+        assert!(!foreign("/usr/bin/bash"), "not a node daemon");
+        assert!(!foreign("/usr/bin/containerd-stress"), "names match whole");
     }
 
     #[test]

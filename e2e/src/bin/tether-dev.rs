@@ -189,7 +189,6 @@ fn up(api_port: u16, gateway_port: u16) -> anyhow::Result<()> {
             &["-k", &examples.display().to_string()],
             None,
         )?;
-        let bin_dir = bins.kubectl.parent().expect("binaries live in a directory");
         println!();
         // From when `cargo dev up` was typed: cargo compiled this program before it started.
         let took = since_cargo_started().unwrap_or_else(|| started.elapsed());
@@ -198,24 +197,7 @@ fn up(api_port: u16, gateway_port: u16) -> anyhow::Result<()> {
             took.as_secs_f64(),
             stack.url()
         );
-        println!();
-        for user in &stack.users {
-            let role = if user.user == "alice" {
-                "attach and observe"
-            } else {
-                "observe only"
-            };
-            println!("  token for {} ({role}): {}", user.user, user.token);
-        }
-        println!();
-        println!("  export KUBECONFIG={}", kubeconfig.display());
-        println!(
-            "  export PATH={}:$PATH   # kubectl {}",
-            bin_dir.display(),
-            binaries::KUBERNETES_VERSION
-        );
-        println!("  kubectl get ts -n tether-demo -w");
-        println!();
+        print_access(&stack.users, &kubeconfig, &bins);
         println!(
             "Logs: {} and {}.",
             cp.dir().join("logs").display(),
