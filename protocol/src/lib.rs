@@ -5,17 +5,20 @@
 //! - [`frame`]: the binary frames and their strict codec;
 //! - [`close`]: WebSocket close codes and what each means;
 //! - [`ticket`]: attach tickets (Ed25519-signed JWTs) minted by the gateway, verified by the agent;
+//! - [`bearer`]: how a non-browser client offers its token on the WebSocket upgrade;
 //! - [`client`]: an async client that opens or resumes a terminal over any WebSocket
 //!   `Sink`/`Stream` and keeps the offsets and acknowledgements right.
 //!
 //! There is no Kubernetes in here on purpose: a terminal client should not need it.
 #![forbid(unsafe_code)]
 
+pub mod bearer;
 pub mod client;
 pub mod close;
 pub mod frame;
 pub mod ticket;
 
+pub use bearer::{BEARER_PROTOCOL_PREFIX, bearer_protocol, bearer_protocol_token};
 pub use close::CloseCode;
 pub use frame::{ClientFrame, ClientId, DecodeError, Mode, ServerFrame, Size, SnapshotFrame};
 

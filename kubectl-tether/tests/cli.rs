@@ -1,6 +1,10 @@
-//! `kubectl-tether attach` as a process: keystrokes reach the session, output comes back, and
-//! a refusal is reported in words with a failing exit status.
+//! `kubectl-tether attach` as a process against the in-process gateway of ws-gateway's tests:
+//! keystrokes reach the session, output comes back, a refusal is reported in words with a
+//! failing exit status, and without a token the cached sign-in is used (or its absence said).
 
+// The gateway harness of ws-gateway's tests, shared rather than copied. tether-gateway is only
+// a dev-dependency: nothing of it links into the plugin.
+#[path = "../../ws-gateway/tests/common/mod.rs"]
 mod common;
 
 use std::process::Stdio;
@@ -188,5 +192,81 @@ async fn over_wss_the_cli_trusts_the_given_certificate_authority_and_nothing_els
     assert!(
         err.contains("junk.pem") && err.contains("no PEM certificate"),
         "{err}"
+    );
+}
+
+/// The CLI with no token at all, its sign-in cache in `cache_dir`.
+fn cli_signed_in(gw: &TestGateway, cache_dir: &std::path::Path) -> Command {
+    let mut c = cli(gw, "", &[]);
+    c.env_remove("TETHER_TOKEN")
+        .env("KUBECACHEDIR", cache_dir)
+        .env_remove("HOME");
+    c
+}
+
+/// Caches `entry` as the sign-in of the gateway's provider: the one its `/api/auth` names,
+/// else the one `login --gateway` would have remembered.
+async fn cache_sign_in(
+    gw: &TestGateway,
+    cache_dir: &std::path::Path,
+    id_token: String,
+    expiry: i64,
+    refresh_token: Option<String>,
+) -> std::path::PathBuf {
+    use kubectl_tether::cache::{Cache, Entry, Provider};
+    let url = format!("http://{}", gw.addr);
+    let http = kubectl_tether::http::client(None).unwrap();
+    let provider = match kubectl_tether::http::auth_info(&http, &url).await {
+        Ok(kubectl_tether::http::AuthInfo { oidc: Some(o), .. }) => Provider::new(
+            o.issuer,
+            o.cli_client_id.unwrap_or_else(|| "kubectl-tether".into()),
+        ),
+        _ => Provider::new(ISSUER, "kubectl-tether"),
+    };
+    let cache = Cache::at(cache_dir.join("tether"));
+    cache.remember_gateway(&url, &provider).unwrap();
+    cache
+        .store(&Entry {
+            issuer: provider.issuer,
+            client_id: provider.client_id,
+            id_token,
+            refresh_token,
+            expiry,
+        })
+        .unwrap()
+}
+
+#[tokio::test]
+async fn without_a_token_the_cli_attaches_with_the_cached_sign_in() {
+    let gw = TestGateway::start(&[]).await;
+    let cache_dir = tempfile::tempdir().unwrap();
+    let exp = now() + 600;
+    let jwt = id_token(good_claims("oidc-alice", &["devs"]), Some("test-key-1"));
+    cache_sign_in(&gw, cache_dir.path(), jwt, exp as i64, None).await;
+    let child = cli_signed_in(&gw, cache_dir.path()).spawn().unwrap();
+    echo_then_detach(child, "hello-with-the-cached-sign-in").await;
+}
+
+#[tokio::test]
+async fn without_a_token_or_a_sign_in_the_cli_says_to_log_in() {
+    let gw = TestGateway::start(&[]).await;
+    let cache_dir = tempfile::tempdir().unwrap();
+    let err = fails(cli_signed_in(&gw, cache_dir.path())).await;
+    let expected = format!(
+        "not signed in: run `kubectl tether login --gateway http://{}`",
+        gw.addr
+    );
+    assert!(err.contains(&expected), "{err}");
+
+    // A sign-in that has run out and cannot be refreshed is no sign-in.
+    let jwt = id_token(good_claims("oidc-alice", &["devs"]), Some("test-key-1"));
+    cache_sign_in(&gw, cache_dir.path(), jwt, now() as i64 - 10, None).await;
+    let err = fails(cli_signed_in(&gw, cache_dir.path())).await;
+    assert!(err.contains(&expected), "{err}");
+    assert_eq!(
+        gw.backend
+            .accepted
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0
     );
 }

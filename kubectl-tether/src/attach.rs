@@ -3,61 +3,20 @@
 //! Raw mode for the life of the attach, the window size follows SIGWINCH, a dropped connection
 //! is resumed without losing output, and the terminal is restored on every way out (normal exit,
 //! error, signal, panic).
-#![forbid(unsafe_code)]
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::{Parser, Subcommand};
-use tether_gateway::server::bearer_protocol;
 use tether_protocol::client::{ClientError, Event, ResumeState, TerminalClient};
-use tether_protocol::{CloseCode, SUBPROTOCOL, Size};
+use tether_protocol::{CloseCode, SUBPROTOCOL, Size, bearer_protocol};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
 use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-#[derive(Debug, Parser)]
-#[command(
-    name = "kubectl-tether",
-    version,
-    about = "Tether terminal sessions from the command line"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-enum Command {
-    /// Attach to a TerminalSession (Ctrl-] then q detaches).
-    Attach {
-        /// The session's name.
-        name: String,
-        /// Its namespace (default: the kubeconfig context's, else `default`).
-        #[arg(short, long)]
-        namespace: Option<String>,
-        /// Read-only: watch without typing (needs the `observe` verb).
-        #[arg(long)]
-        observe: bool,
-        /// Base URL of the gateway, e.g. https://tether.example.com.
-        #[arg(long, env = "TETHER_GATEWAY")]
-        gateway: String,
-        /// A file holding your token (OIDC ID token or Kubernetes token).
-        #[arg(long, env = "TETHER_TOKEN_FILE", conflicts_with = "token")]
-        token_file: Option<PathBuf>,
-        /// The token itself.
-        #[arg(long = "token", env = "TETHER_TOKEN", hide_env_values = true)]
-        token: Option<String>,
-        /// PEM file of the CA certificates to trust for an https:// gateway, instead of the
-        /// public web roots (like kubectl's --certificate-authority).
-        #[arg(long, env = "TETHER_CERTIFICATE_AUTHORITY")]
-        certificate_authority: Option<PathBuf>,
-    },
-}
+use crate::signin::Credentials;
 
 /// Leaves raw mode when dropped, whatever the way out. Without a terminal on stdin (a pipe, a
 /// test) there is nothing to switch.
@@ -87,20 +46,6 @@ fn terminal_size() -> Size {
         .ok()
         .and_then(|(c, r)| Size::new(c.clamp(1, 1000), r.clamp(1, 1000)).ok())
         .unwrap_or_default()
-}
-
-fn default_namespace() -> String {
-    kube::config::Kubeconfig::read()
-        .ok()
-        .and_then(|k| {
-            let current = k.current_context.clone()?;
-            k.contexts
-                .into_iter()
-                .find(|c| c.name == current)?
-                .context?
-                .namespace
-        })
-        .unwrap_or_else(|| "default".into())
 }
 
 /// `ws(s)://host/ws/ns/name?mode=…` and the Origin the gateway expects (its own).
@@ -135,35 +80,6 @@ type Ws =
 enum ConnectError {
     Fatal(String),
     Retry(String),
-}
-
-/// A TLS client configuration trusting only the CA certificates in `path`.
-fn trust_only(path: &std::path::Path) -> anyhow::Result<Connector> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject as _;
-    let mut roots = rustls::RootCertStore::empty();
-    let mut count = 0;
-    for cert in CertificateDer::pem_file_iter(path)
-        .with_context(|| format!("reading the certificate authority {}", path.display()))?
-    {
-        let cert =
-            cert.with_context(|| format!("{} is not a PEM certificate file", path.display()))?;
-        roots
-            .add(cert)
-            .with_context(|| format!("a certificate in {} is not usable", path.display()))?;
-        count += 1;
-    }
-    if count == 0 {
-        bail!("{} holds no PEM certificate", path.display());
-    }
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .context("TLS configuration")?
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    Ok(Connector::Rustls(Arc::new(config)))
 }
 
 async fn connect(
@@ -350,17 +266,55 @@ fn spawn_input(tx: mpsc::Sender<Input>, observe: bool) {
     }
 }
 
+/// What `kubectl tether attach` was asked.
+#[derive(Debug)]
+pub struct AttachOptions {
+    pub gateway: String,
+    pub namespace: String,
+    pub name: String,
+    pub observe: bool,
+    pub credentials: Credentials,
+    /// Trust only these roots for a `wss://` gateway (else the public web roots).
+    pub tls: Option<rustls::ClientConfig>,
+}
+
+/// Attaches until the shell exits (its status), the user detaches (0), a signal (128 + n) or
+/// an error that reconnecting cannot mend.
+pub async fn run(opts: AttachOptions) -> anyhow::Result<i32> {
+    let (url, origin) = endpoint(&opts.gateway, &opts.namespace, &opts.name, opts.observe)?;
+    let tls = opts.tls.map(|c| Connector::Rustls(Arc::new(c)));
+    // Signals end the attach through the same path as everything else, so raw mode is left by
+    // the guard.
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut hup = signal(SignalKind::hangup())?;
+    tokio::select! {
+        r = attach(url, origin, &opts.credentials, &opts.gateway, opts.observe, tls) => r,
+        _ = term.recv() => Ok(143),
+        _ = hup.recv() => Ok(129),
+    }
+}
+
 async fn attach(
     url: String,
     origin: String,
-    token: String,
+    credentials: &Credentials,
+    gateway: &str,
     observe: bool,
     tls: Option<Connector>,
 ) -> anyhow::Result<i32> {
     let (tx, mut input) = mpsc::channel(64);
-    // Fail before raw mode when the first connection is refused, so errors print cleanly.
+    // Fail before raw mode when there is no token or the first connection is refused, so
+    // errors print cleanly.
+    let token = credentials.token().await?;
     let first = match connect(&url, &origin, &token, tls.as_ref()).await {
         Ok(ws) => ws,
+        Err(ConnectError::Fatal(m)) if m.starts_with("401") && credentials.is_sign_in() => {
+            bail!(
+                "cannot attach: {m}; {}",
+                crate::signin::not_signed_in(gateway).replacen("not signed in", "sign in again", 1)
+            )
+        }
         Err(ConnectError::Fatal(m)) | Err(ConnectError::Retry(m)) => bail!("cannot attach: {m}"),
     };
     let _raw = RawMode::enter()?;
@@ -372,7 +326,18 @@ async fn attach(
     loop {
         let socket = match ws.take() {
             Some(s) => s,
-            None => match connect(&url, &origin, &token, tls.as_ref()).await {
+            // The cached sign-in may have been refreshed since (or need to be now).
+            None => match connect(
+                &url,
+                &origin,
+                &credentials
+                    .token()
+                    .await
+                    .context("cannot reconnect without a token")?,
+                tls.as_ref(),
+            )
+            .await
+            {
                 Ok(s) => s,
                 Err(ConnectError::Fatal(m)) => bail!("cannot reconnect: {m}"),
                 Err(ConnectError::Retry(m)) => {
@@ -429,74 +394,6 @@ async fn attach(
                 state = None;
             }
             End::Fatal(why) => bail!("{why}"),
-        }
-    }
-}
-
-fn main() -> std::process::ExitCode {
-    // Restore the terminal even when something panics.
-    let default_hook = std::panic::take_hook();
-    std::panic::set_hook(Box::new(move |info| {
-        let _ = crossterm::terminal::disable_raw_mode();
-        default_hook(info);
-    }));
-    let cli = Cli::parse();
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("kubectl-tether: {e}");
-            return std::process::ExitCode::FAILURE;
-        }
-    };
-    let result = rt.block_on(async move {
-        match cli.command {
-            Command::Attach {
-                name,
-                namespace,
-                observe,
-                gateway,
-                token_file,
-                token,
-                certificate_authority,
-            } => {
-                let tls = certificate_authority
-                    .as_deref()
-                    .map(trust_only)
-                    .transpose()?;
-                let token = match (token_file, token) {
-                    (Some(f), _) => std::fs::read_to_string(&f)
-                        .with_context(|| format!("reading {}", f.display()))?
-                        .trim()
-                        .to_owned(),
-                    (None, Some(t)) => t,
-                    (None, None) => bail!("no token: pass --token-file or set TETHER_TOKEN"),
-                };
-                let ns = namespace.unwrap_or_else(default_namespace);
-                let (url, origin) = endpoint(&gateway, &ns, &name, observe)?;
-                // Signals end the attach through the same path as everything else, so raw
-                // mode is left by the guard.
-                use tokio::signal::unix::{SignalKind, signal};
-                let mut term = signal(SignalKind::terminate())?;
-                let mut hup = signal(SignalKind::hangup())?;
-                tokio::select! {
-                    r = attach(url, origin, token, observe, tls) => r,
-                    _ = term.recv() => Ok(143),
-                    _ = hup.recv() => Ok(129),
-                }
-            }
-        }
-    });
-    if std::io::IsTerminal::is_terminal(&std::io::stdin()) {
-        let _ = crossterm::terminal::disable_raw_mode();
-    }
-    match result {
-        Ok(code) => {
-            let _ = std::io::stdout().flush();
-            std::process::ExitCode::from(u8::try_from(code.clamp(0, 255)).unwrap_or(1))
-        }
-        Err(e) => {
-            eprintln!("\r\nkubectl-tether: {e:#}");
-            std::process::ExitCode::FAILURE
         }
     }
 }
