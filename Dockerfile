@@ -55,8 +55,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
       -p tether-operator -p tether-gateway -p tether-session-agent \
  && mkdir -p /out \
  && cp target/release/tether-operator target/release/tether-gateway \
-       target/release/tether-session-agent /out/ \
- && (cp target/release/kubectl-tether /out/ 2>/dev/null || true)
+       target/release/tether-session-agent /out/
 
 # Binaries built outside this Dockerfile (BINARIES=prebuilt), laid out as `build` leaves them.
 FROM scratch AS prebuilt

@@ -28,7 +28,9 @@ use kube::{
 };
 
 use crate::{
-    ControlPlane, Options, binaries, images,
+    ControlPlane, Options, binaries,
+    idp::{self, IdpOptions, Keycloak},
+    images,
     realnode::{self, NODE_IP, NodeNetwork, RealNode, RealNodeOptions},
     stack::{self, DevUser, SYSTEM_NAMESPACE},
 };
@@ -55,6 +57,8 @@ pub struct Cluster {
     pub cp: ControlPlane,
     /// The chart's release and the ways in to it.
     pub stack: ChartStack,
+    /// The identity provider people sign in with (Keycloak), on the node's address.
+    pub idp: Keycloak,
     _network: NodeNetwork,
 }
 
@@ -123,6 +127,22 @@ impl Cluster {
         })?;
         step("creating the node's network and starting the control plane on it");
         let network = NodeNetwork::create(&stack::dev_binary(&std::env::current_exe()?)?)?;
+        // The provider starts beside the control plane and the node (it takes a while): on the
+        // node's address, so browsers on this machine and the gateway's pods reach the same
+        // issuer URL.
+        idp::ensure().context("installing Keycloak")?;
+        let idp_opts = IdpOptions {
+            bind: NODE_IP,
+            port: crate::free_port()?,
+            redirect_uris: vec![format!(
+                "http://{NODE_IP}:{}/auth/callback",
+                opts.gateway_node_port
+            )],
+            ..IdpOptions::new(opts.dir.join("idp"))
+        };
+        let idp_thread = std::thread::Builder::new()
+            .name("tether-e2e-idp".into())
+            .spawn(move || Keycloak::start(&idp_opts))?;
         let cp = ControlPlane::start(Options {
             dir: opts.dir.join("controlplane"),
             api_port: opts.api_port,
@@ -139,8 +159,13 @@ impl Cluster {
             },
         )
         .await?;
+        step("waiting for the identity provider (Keycloak)");
+        let idp = idp_thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the Keycloak thread panicked"))?
+            .context("starting Keycloak")?;
         step("helm install tether charts/tether (operator and gateway from the images)");
-        let stack = ChartStack::install(&cp, &opts).await?;
+        let stack = ChartStack::install(&cp, &opts, &idp).await?;
         eprintln!(
             "tether-e2e: cluster up in {:.0}s",
             started.elapsed().as_secs_f64()
@@ -149,6 +174,7 @@ impl Cluster {
             node: tokio::sync::Mutex::new(node),
             cp,
             stack,
+            idp,
             _network: network,
         })
     }
@@ -178,12 +204,21 @@ pub struct ChartStack {
     admin_kubeconfig: PathBuf,
     node_port: u16,
     operator_args: Vec<String>,
+    /// The identity provider's issuer URL.
+    issuer: String,
     /// Development users: `alice` (group tether-devs) and `bob` (group pair-watchers).
     pub users: Vec<DevUser>,
 }
 
+/// Secret holding the gateway's OIDC client secret (key `client-secret`).
+pub const OIDC_CLIENT_SECRET: &str = "tether-oidc";
+
 impl ChartStack {
-    async fn install(cp: &ControlPlane, opts: &ClusterOptions) -> anyhow::Result<ChartStack> {
+    async fn install(
+        cp: &ControlPlane,
+        opts: &ClusterOptions,
+        idp: &Keycloak,
+    ) -> anyhow::Result<ChartStack> {
         let dir = opts.dir.join("stack");
         std::fs::create_dir_all(&dir)?;
         let client = cp.admin_client().await;
@@ -239,7 +274,19 @@ impl ChartStack {
             )
             .await
             .context("creating the development token Secret")?;
+        secrets
+            .patch(
+                OIDC_CLIENT_SECRET,
+                &pp,
+                &Patch::Apply(secret(
+                    OIDC_CLIENT_SECRET,
+                    BTreeMap::from([("client-secret".into(), bytes(idp::GATEWAY_CLIENT_SECRET))]),
+                )),
+            )
+            .await
+            .context("creating the OIDC client Secret")?;
         let stack = ChartStack {
+            issuer: idp.issuer(),
             dir,
             admin_kubeconfig: cp.admin_kubeconfig().to_path_buf(),
             node_port: opts.gateway_node_port,
@@ -263,6 +310,22 @@ impl ChartStack {
             "gateway.development.tokensSecret=tether-dev-tokens".to_string(),
             "gateway.development.insecureCookies=true".to_string(),
             "operator.logFormat=text".to_string(),
+            // Browser sign-in with the local Keycloak, identities mapped as a kube-apiserver
+            // with --oidc-username-claim=email --oidc-groups-prefix=oidc: would.
+            format!("gateway.oidc.issuer={}", self.issuer),
+            format!(
+                "gateway.oidc.audiences={{{},{}}}",
+                idp::GATEWAY_CLIENT_ID,
+                idp::CLI_CLIENT_ID
+            ),
+            format!("gateway.oidc.cliClientID={}", idp::CLI_CLIENT_ID),
+            format!(
+                "gateway.oidc.externalURL={}",
+                self.url().trim_end_matches('/')
+            ),
+            format!("gateway.oidc.clientSecretSecret={OIDC_CLIENT_SECRET}"),
+            "gateway.oidc.usernameClaim=email".to_string(),
+            "gateway.oidc.groupsPrefix=oidc:".to_string(),
         ];
         for (i, arg) in self.operator_args.iter().enumerate() {
             set.push(format!("operator.extraArgs[{i}]={arg}"));

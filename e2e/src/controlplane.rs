@@ -291,6 +291,32 @@ impl ControlPlane {
         client_from_kubeconfig(path).await
     }
 
+    /// A token for the existing service account `namespace/name`, as `kubectl create token
+    /// --audience A` makes it; no audiences means the API server's own.
+    pub async fn service_account_token(
+        &self,
+        namespace: &str,
+        name: &str,
+        audiences: &[&str],
+        ttl: Duration,
+    ) -> String {
+        let sas = Api::<ServiceAccount>::namespaced(self.admin_client().await, namespace);
+        let request = TokenRequest {
+            spec: TokenRequestSpec {
+                audiences: audiences.iter().map(|a| a.to_string()).collect(),
+                expiration_seconds: Some(ttl.as_secs() as i64),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        sas.create_token_request(name, &PostParams::default(), &request)
+            .await
+            .unwrap_or_else(|e| panic!("requesting a token for {namespace}/{name}: {e}"))
+            .status
+            .expect("a TokenRequest answer has a status")
+            .token
+    }
+
     /// Creates the namespace (if missing) and the service account `name` in it, and returns a
     /// kubeconfig holding a token for it: a real service-account identity, the one a component
     /// has when the chart installs it.
@@ -315,21 +341,10 @@ impl ControlPlane {
         sas.patch(name, &PatchParams::apply(FIELD_MANAGER), &Patch::Apply(sa))
             .await
             .unwrap_or_else(|e| panic!("creating service account {namespace}/{name}: {e}"));
-        let request = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec![],
-                expiration_seconds: Some(24 * 3600),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let token = sas
-            .create_token_request(name, &PostParams::default(), &request)
-            .await
-            .unwrap_or_else(|e| panic!("requesting a token for {namespace}/{name}: {e}"))
-            .status
-            .expect("a TokenRequest answer has a status")
-            .token;
+        drop(sas);
+        let token = self
+            .service_account_token(namespace, name, &[], Duration::from_secs(24 * 3600))
+            .await;
         let user = format!("system:serviceaccount:{namespace}:{name}");
         let path = self.dir.join(format!("sa-{namespace}-{name}.kubeconfig"));
         write(

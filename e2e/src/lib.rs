@@ -14,6 +14,7 @@
 pub mod binaries;
 pub mod cluster;
 pub mod controlplane;
+pub mod idp;
 pub mod images;
 pub mod namespace;
 pub mod node;

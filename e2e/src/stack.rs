@@ -190,6 +190,8 @@ impl Stack {
             format!("--allowed-origin=http://127.0.0.1:{port}"),
             format!("--allowed-origin=http://localhost:{port}"),
             "--insecure-cookies".to_string(),
+            // One gateway process: sign-ins in its memory (the chart keeps them in Secrets).
+            "--session-store=memory".to_string(),
             format!(
                 "--audit-log={}",
                 self.dir.join("logs/audit.jsonl").display()

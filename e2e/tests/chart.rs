@@ -254,7 +254,22 @@ async fn the_rendered_chart_and_the_examples_validate_strictly_and_apply_server_
             "operator.egressCIDRs={0.0.0.0/0}",
             "--set",
             "gateway.oidc.issuer=https://id.example.com",
+            "--set",
+            "gateway.oidc.audiences={tether-gateway,kubectl-tether}",
+            "--set",
+            "gateway.oidc.externalURL=https://tether.example.com",
+            "--set",
+            "gateway.oidc.clientSecretSecret=tether-oidc",
+            // A value ending in `:` is a YAML mapping unless the chart quotes it.
+            "--set",
+            "gateway.oidc.groupsPrefix=oidc:",
+            "--set",
+            "gateway.oidc.usernamePrefix=-",
         ],
+    );
+    assert!(
+        everything.contains("\"--oidc-groups-prefix=oidc:\""),
+        "the groups prefix reaches the gateway as one argument"
     );
     // ServiceMonitor's CRD belongs to the Prometheus Operator, which this cluster lacks.
     let (ok, out) = kubeconform(schemas.path(), &everything, "ServiceMonitor");

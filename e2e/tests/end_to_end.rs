@@ -25,6 +25,7 @@ use kube::{
     api::{Patch, PatchParams},
 };
 use tether_api::{SessionPhase, TerminalSession};
+use tether_e2e::idp::user as idp_user;
 use tether_e2e::{binaries, binaries::repo_root, stack};
 
 fn kubectl(stack: &ChartStack, args: &[&str]) -> (bool, String) {
@@ -164,31 +165,27 @@ async fn a_session_goes_from_kubectl_apply_to_a_browser_and_ends_honestly() {
     )
     .await;
 
-    // The browser: alice attaches, bob observes, the gateway restarts mid-stream.
-    let alice = stack
-        .users
-        .iter()
-        .find(|u| u.user == "alice")
-        .unwrap()
-        .token
-        .clone();
-    // bob is bound only to tether-viewer (examples/shared.yaml): he may observe, never type.
-    let bob = stack
-        .users
-        .iter()
-        .find(|u| u.user == "bob")
-        .unwrap()
-        .token
-        .clone();
+    // The browser: alice attaches, bob observes, the gateway restarts mid-stream. Both sign in
+    // at the identity provider; bob is bound only to tether-viewer (examples/shared.yaml, as
+    // the group oidc:tether-observers): he may observe, never type.
     let script = repo_root().join("ws-gateway/web/test/browser.mjs");
     let shots = stack.dir().join("browser");
     let mut node = Command::new("node")
         .arg(&script)
         .env("TETHER_URL", stack.url())
-        .env("TETHER_TOKEN", &alice)
+        // alice and bob sign in through Keycloak's own login form in Chromium.
+        .env(
+            "TETHER_TOKEN",
+            format!("idp:alice:{}", idp_user("alice").unwrap().password),
+        )
+        .env("TETHER_EXPECT_USER_PREFIX", "alice@tether.test")
         .env("TETHER_SESSION", "tether-demo/basic")
         .env("TETHER_OBSERVE", "1")
-        .env("TETHER_OBSERVER_TOKEN", &bob)
+        .env(
+            "TETHER_OBSERVER_TOKEN",
+            format!("idp:bob:{}", idp_user("bob").unwrap().password),
+        )
+        .env("TETHER_OBSERVER_CANNOT_ATTACH", "1")
         .env("TETHER_RESUME_LINES", "200")
         .env("TETHER_RESUME_DELAY", "0.02")
         .env("TETHER_RESTART_VIA_STDIO", "1")

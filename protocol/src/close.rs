@@ -63,6 +63,9 @@ codes! {
     /// Gateway only: checked again during the connection, RBAC no longer allows this user this
     /// mode on the session. The reason names the verb and what the API server said.
     REVOKED = 4411, "access revoked";
+    /// Gateway only: the credential the connection was admitted with (browser sign-in, ID token,
+    /// Kubernetes token) expired or was signed out. Sign in again, then `RESUME`.
+    SIGNED_OUT = 4440, "sign-in ended";
     /// The ticket is for another session (`sid` or `suid` mismatch), or a resume by another user.
     WRONG_SESSION = 4412, "attach ticket is for another session";
     /// A frame exceeded the size limit.

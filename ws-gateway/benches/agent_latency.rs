@@ -158,6 +158,7 @@ async fn main() {
             index,
             access: Arc::new(StaticAccess::default().allow("devs", "bench", Mode::Attach)),
             token_review: None,
+            sessions: std::sync::Arc::new(tether_gateway::sessions::MemoryStore::default()),
         },
         AuditLog::open(None).unwrap(),
     );

@@ -141,6 +141,7 @@ async fn setup() -> Setup {
             index,
             access: Arc::new(StaticAccess::default().allow("devs", "bench", Mode::Attach)),
             token_review: None,
+            sessions: std::sync::Arc::new(tether_gateway::sessions::MemoryStore::default()),
         },
         AuditLog::open(None).unwrap(),
     );

@@ -2,14 +2,21 @@
 //!
 //! Three kinds of token are accepted, each only when configured: OIDC ID tokens checked against a
 //! JWKS (algorithms pinned by configuration, never taken from the token; issuer, audience,
-//! expiry and not-before checked), Kubernetes tokens through TokenReview, and static development
-//! tokens from a file. A JWT whose unverified `iss` names the OIDC issuer is judged by OIDC alone;
-//! anything else goes to TokenReview. Tokens are never logged.
+//! expiry and not-before checked), Kubernetes tokens through TokenReview with the gateway's own
+//! audience, and static development tokens from a file. A JWT whose unverified `iss` names the
+//! OIDC issuer is judged by OIDC alone; anything else goes to TokenReview. Tokens are never
+//! logged.
+//!
+//! An ID token's claims become a Kubernetes identity exactly as kube-apiserver's OIDC
+//! authenticator maps them ([`map_identity`]): the username claim, prefixed with the issuer URL
+//! and `#` unless the claim is `email` or a prefix is configured (`-` for none); the groups
+//! claim (a string or a list of strings), each prefixed with the groups prefix. An identity
+//! that maps to a `system:` user or group is refused: those names belong to Kubernetes itself.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use futures::future::BoxFuture;
 use jsonwebtoken::jwk::JwkSet;
@@ -28,6 +35,37 @@ pub struct UserInfo {
     pub groups: Vec<String>,
 }
 
+/// How a person proved who they are.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Via {
+    /// An OIDC ID token, or a browser sign-in with the provider.
+    Oidc,
+    /// A Kubernetes token, through TokenReview.
+    Kubernetes,
+    /// A development token from `--dev-token-file`.
+    Development,
+}
+
+impl Via {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Via::Oidc => "oidc",
+            Via::Kubernetes => "kubernetes",
+            Via::Development => "development",
+        }
+    }
+}
+
+/// A bearer token that was accepted: who, how, and until when.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credential {
+    pub user: UserInfo,
+    pub via: Via,
+    /// When the token stops being valid (its `exp`), when it has one.
+    pub expires_at: Option<SystemTime>,
+}
+
 /// Why a token was not accepted.
 #[derive(Debug, thiserror::Error)]
 pub enum AuthError {
@@ -37,6 +75,8 @@ pub enum AuthError {
     Invalid(String),
     #[error("cannot verify the token right now: {0}")]
     Unavailable(String),
+    #[error("too many unknown tokens are being presented: try again in a few seconds")]
+    Throttled,
 }
 
 impl AuthError {
@@ -46,15 +86,24 @@ impl AuthError {
             AuthError::Missing => "no_token",
             AuthError::Invalid(_) => "bad_token",
             AuthError::Unavailable(_) => "authn_unavailable",
+            AuthError::Throttled => "authn_throttled",
         }
     }
 }
 
 /// Asks the API server who a Kubernetes token belongs to.
 pub trait TokenReviewer: Send + Sync + 'static {
-    /// `Ok(None)` when the API server does not accept the token.
-    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<UserInfo>, AuthError>>;
+    /// `Ok(None)` when the API server does not accept the token for any of `audiences` (an empty
+    /// list means the API server's own audiences).
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        audiences: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<UserInfo>, AuthError>>;
 }
+
+/// The audience Kubernetes tokens must name by default (`kubectl create token --audience tether`).
+pub const DEFAULT_TOKEN_AUDIENCE: &str = "tether";
 
 /// TokenReview through the gateway's own service account.
 #[derive(Clone)]
@@ -67,13 +116,17 @@ impl std::fmt::Debug for KubeTokenReview {
 }
 
 impl TokenReviewer for KubeTokenReview {
-    fn review<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Option<UserInfo>, AuthError>> {
+    fn review<'a>(
+        &'a self,
+        token: &'a str,
+        audiences: &'a [String],
+    ) -> BoxFuture<'a, Result<Option<UserInfo>, AuthError>> {
         Box::pin(async move {
             let api: Api<TokenReview> = Api::all(self.0.clone());
             let review = TokenReview {
                 spec: TokenReviewSpec {
                     token: Some(token.to_owned()),
-                    audiences: None,
+                    audiences: (!audiences.is_empty()).then(|| audiences.to_vec()),
                 },
                 ..Default::default()
             };
@@ -85,6 +138,17 @@ impl TokenReviewer for KubeTokenReview {
                 return Ok(None);
             };
             if status.authenticated != Some(true) {
+                return Ok(None);
+            }
+            // The API server answers with the audiences the token is valid for, among those asked.
+            if !audiences.is_empty()
+                && !status
+                    .audiences
+                    .as_deref()
+                    .unwrap_or_default()
+                    .iter()
+                    .any(|a| audiences.contains(a))
+            {
                 return Ok(None);
             }
             let Some(user) = status.user.and_then(|u| Some((u.username?, u.groups))) else {
@@ -103,22 +167,141 @@ impl TokenReviewer for KubeTokenReview {
 pub enum JwksSource {
     File(PathBuf),
     Url(String),
+    /// The `jwks_uri` of `{issuer}/.well-known/openid-configuration`.
+    Discovery,
 }
 
 /// OIDC verification settings.
 #[derive(Debug, Clone)]
 pub struct OidcConfig {
     pub issuer: String,
-    pub audience: String,
+    /// Accepted `aud` values: a token naming any of them is accepted.
+    pub audiences: Vec<String>,
     /// Only these algorithms are accepted, whatever a token's header says.
     pub algorithms: Vec<Algorithm>,
     pub jwks: JwksSource,
-    /// Claim naming the user (`sub` by default).
-    pub username_claim: String,
-    /// Claim listing the groups (`groups` by default).
-    pub groups_claim: String,
+    pub mapping: IdentityMapping,
     /// Least time between two JWKS fetches caused by unknown `kid`s.
     pub refetch_interval: Duration,
+}
+
+/// How claims become a Kubernetes identity: kube-apiserver's `--oidc-username-claim`,
+/// `--oidc-username-prefix`, `--oidc-groups-claim`, `--oidc-groups-prefix` and
+/// `--oidc-required-claim`, with the same defaults and meaning.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityMapping {
+    /// Claim naming the user (`sub` by default).
+    pub username_claim: String,
+    /// `None`: the issuer URL and `#`, unless the claim is `email`. `Some("-")`: no prefix.
+    pub username_prefix: Option<String>,
+    /// Claim holding the groups, a string or a list of strings; `None`: no groups.
+    pub groups_claim: Option<String>,
+    /// Prepended to every group.
+    pub groups_prefix: String,
+    /// Claims that must be present with exactly these string values.
+    pub required_claims: Vec<(String, String)>,
+}
+
+impl Default for IdentityMapping {
+    fn default() -> Self {
+        Self {
+            username_claim: "sub".into(),
+            username_prefix: None,
+            groups_claim: Some("groups".into()),
+            groups_prefix: String::new(),
+            required_claims: Vec::new(),
+        }
+    }
+}
+
+/// The `system:` prefix Kubernetes reserves for its own users and groups.
+pub const RESERVED_PREFIX: &str = "system:";
+
+/// Maps verified ID-token claims to a Kubernetes identity as kube-apiserver would, then refuses
+/// reserved (`system:`) names.
+pub fn map_identity(
+    issuer: &str,
+    mapping: &IdentityMapping,
+    claims: &serde_json::Map<String, serde_json::Value>,
+) -> Result<UserInfo, AuthError> {
+    use serde_json::Value;
+    for (claim, want) in &mapping.required_claims {
+        if claims.get(claim).and_then(Value::as_str) != Some(want.as_str()) {
+            return Err(AuthError::Invalid(format!(
+                "the required claim {claim}={want} is missing"
+            )));
+        }
+    }
+    let claim = &mapping.username_claim;
+    let name = match claims.get(claim) {
+        Some(Value::String(s)) if !s.is_empty() => s.as_str(),
+        Some(Value::String(_)) | None => {
+            return Err(AuthError::Invalid(format!(
+                "the username claim {claim} is missing or empty"
+            )));
+        }
+        Some(_) => {
+            return Err(AuthError::Invalid(format!(
+                "the username claim {claim} is not a string"
+            )));
+        }
+    };
+    if claim == "email" {
+        // As kube-apiserver: an email that the provider says is unverified names nobody.
+        match claims.get("email_verified") {
+            None | Some(Value::Bool(true)) => {}
+            Some(Value::Bool(false)) => {
+                return Err(AuthError::Invalid(
+                    "the email address is not verified (email_verified is false)".into(),
+                ));
+            }
+            Some(_) => {
+                return Err(AuthError::Invalid(
+                    "the claim email_verified is not a boolean".into(),
+                ));
+            }
+        }
+    }
+    let user = match mapping.username_prefix.as_deref() {
+        Some("-") => name.to_owned(),
+        Some(prefix) => format!("{prefix}{name}"),
+        None if claim == "email" => name.to_owned(),
+        None => format!("{issuer}#{name}"),
+    };
+    let raw_groups: Vec<String> = match mapping.groups_claim.as_ref().map(|c| (c, claims.get(c))) {
+        None | Some((_, None)) => Vec::new(),
+        Some((_, Some(Value::String(g)))) => vec![g.clone()],
+        Some((c, Some(Value::Array(list)))) => list
+            .iter()
+            .map(|g| {
+                g.as_str().map(str::to_owned).ok_or_else(|| {
+                    AuthError::Invalid(format!("the groups claim {c} holds a non-string"))
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        Some((c, Some(_))) => {
+            return Err(AuthError::Invalid(format!(
+                "the groups claim {c} is neither a string nor a list of strings"
+            )));
+        }
+    };
+    let groups: Vec<String> = raw_groups
+        .iter()
+        .map(|g| format!("{}{g}", mapping.groups_prefix))
+        .collect();
+    if user.starts_with(RESERVED_PREFIX) {
+        return Err(AuthError::Invalid(format!(
+            "the token maps to the user {user:?}; names beginning with system: are reserved for \
+             Kubernetes and never accepted from an identity provider"
+        )));
+    }
+    if let Some(g) = groups.iter().find(|g| g.starts_with(RESERVED_PREFIX)) {
+        return Err(AuthError::Invalid(format!(
+            "the token maps to the group {g:?}; names beginning with system: are reserved for \
+             Kubernetes and never accepted from an identity provider"
+        )));
+    }
+    Ok(UserInfo { user, groups })
 }
 
 struct KeyCache {
@@ -180,18 +363,47 @@ impl Oidc {
             JwksSource::File(path) => tokio::fs::read_to_string(path).await.map_err(|e| {
                 AuthError::Unavailable(format!("reading JWKS {}: {e}", path.display()))
             })?,
-            JwksSource::Url(url) => self
-                .http
-                .get(url)
-                .send()
-                .await
-                .and_then(|r| r.error_for_status())
-                .map_err(|e| AuthError::Unavailable(format!("fetching JWKS: {e}")))?
-                .text()
-                .await
-                .map_err(|e| AuthError::Unavailable(format!("fetching JWKS: {e}")))?,
+            JwksSource::Discovery => {
+                let url = self.discover_jwks_uri().await?;
+                self.get_text(&url).await?
+            }
+            JwksSource::Url(url) => self.get_text(url).await?,
         };
         serde_json::from_str(&text).map_err(|e| AuthError::Unavailable(format!("bad JWKS: {e}")))
+    }
+
+    async fn get_text(&self, url: &str) -> Result<String, AuthError> {
+        self.http
+            .get(url)
+            .send()
+            .await
+            .and_then(|r| r.error_for_status())
+            .map_err(|e| AuthError::Unavailable(format!("fetching {url}: {e}")))?
+            .text()
+            .await
+            .map_err(|e| AuthError::Unavailable(format!("fetching {url}: {e}")))
+    }
+
+    /// The provider's `jwks_uri`, from a discovery document whose `issuer` is exactly ours.
+    async fn discover_jwks_uri(&self) -> Result<String, AuthError> {
+        #[derive(Deserialize)]
+        struct Discovery {
+            issuer: String,
+            jwks_uri: String,
+        }
+        let url = format!(
+            "{}/.well-known/openid-configuration",
+            self.config.issuer.trim_end_matches('/')
+        );
+        let doc: Discovery = serde_json::from_str(&self.get_text(&url).await?)
+            .map_err(|e| AuthError::Unavailable(format!("bad discovery document {url}: {e}")))?;
+        if doc.issuer != self.config.issuer {
+            return Err(AuthError::Unavailable(format!(
+                "the discovery document names the issuer {:?}, not {:?}",
+                doc.issuer, self.config.issuer
+            )));
+        }
+        Ok(doc.jwks_uri)
     }
 
     /// Refetches the JWKS unless it was fetched less than `refetch_interval` ago.
@@ -239,8 +451,16 @@ impl Oidc {
         }
     }
 
-    /// Verifies an ID token.
-    pub async fn verify(&self, token: &str) -> Result<UserInfo, AuthError> {
+    /// Verifies an ID token and maps it to an identity.
+    pub async fn verify(&self, token: &str) -> Result<Credential, AuthError> {
+        self.verify_claims(token).await.map(|(c, _)| c)
+    }
+
+    /// Verifies an ID token; the identity and the verified claims (for `nonce`).
+    pub async fn verify_claims(
+        &self,
+        token: &str,
+    ) -> Result<(Credential, serde_json::Map<String, serde_json::Value>), AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| AuthError::Invalid(format!("not a valid JWT: {e}")))?;
         if !self.config.algorithms.contains(&header.alg) {
@@ -264,11 +484,12 @@ impl Oidc {
         let validation_alg = header.alg;
         let mut validation = Validation::new(validation_alg);
         validation.set_issuer(&[&self.config.issuer]);
-        validation.set_audience(&[&self.config.audience]);
+        validation.set_audience(&self.config.audiences);
         validation.set_required_spec_claims(&["exp", "iss", "aud"]);
         validation.validate_exp = true;
         validation.validate_nbf = true;
-        validation.leeway = 30;
+        // A little clock skew, no more: a live connection ends at `exp` itself.
+        validation.leeway = 5;
         let mut last = None;
         for key in keys {
             match jsonwebtoken::decode::<serde_json::Map<String, serde_json::Value>>(
@@ -276,7 +497,21 @@ impl Oidc {
                 &key,
                 &validation,
             ) {
-                Ok(data) => return self.user_from_claims(&data.claims),
+                Ok(data) => {
+                    let user =
+                        map_identity(&self.config.issuer, &self.config.mapping, &data.claims)?;
+                    let expires_at = data
+                        .claims
+                        .get("exp")
+                        .and_then(serde_json::Value::as_u64)
+                        .map(|s| SystemTime::UNIX_EPOCH + Duration::from_secs(s));
+                    let credential = Credential {
+                        user,
+                        via: Via::Oidc,
+                        expires_at,
+                    };
+                    return Ok((credential, data.claims));
+                }
                 Err(e) => last = Some(e),
             }
         }
@@ -286,29 +521,8 @@ impl Oidc {
         ))
     }
 
-    fn user_from_claims(
-        &self,
-        claims: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<UserInfo, AuthError> {
-        let user = claims
-            .get(&self.config.username_claim)
-            .and_then(|v| v.as_str())
-            .filter(|s| !s.is_empty())
-            .ok_or_else(|| {
-                AuthError::Invalid(format!("claim {} missing", self.config.username_claim))
-            })?;
-        let groups = match claims.get(&self.config.groups_claim) {
-            Some(serde_json::Value::Array(a)) => a
-                .iter()
-                .filter_map(|g| g.as_str().map(str::to_owned))
-                .collect(),
-            Some(serde_json::Value::String(s)) => vec![s.clone()],
-            _ => Vec::new(),
-        };
-        Ok(UserInfo {
-            user: user.to_owned(),
-            groups,
-        })
+    pub fn config(&self) -> &OidcConfig {
+        &self.config
     }
 }
 
@@ -359,18 +573,87 @@ pub fn parse_dev_tokens(text: &str) -> Result<HashMap<String, UserInfo>, String>
 }
 
 /// How long an accepted Kubernetes token is remembered, so a page polling `/api/sessions` does
-/// not cost a TokenReview per request. Refusals are not cached.
+/// not cost a TokenReview per request.
 pub const TOKEN_REVIEW_CACHE_TTL: Duration = Duration::from_secs(10);
+/// How long a refused token is remembered: the same bad token again costs no TokenReview.
+pub const TOKEN_REFUSAL_CACHE_TTL: Duration = Duration::from_secs(10);
 const TOKEN_REVIEW_CACHE_MAX: usize = 10_000;
 
+/// How Kubernetes tokens are reviewed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenReviewPolicy {
+    /// Audiences the token must be valid for (`--token-audience`, `tether` by default).
+    pub audiences: Vec<String>,
+    /// Also accept tokens for the API server's own audiences: full API credentials, off by
+    /// default (`--accept-api-server-tokens`).
+    pub accept_api_audience: bool,
+    /// TokenReviews per second for tokens not in the caches, burst twice that.
+    pub rate: u32,
+}
+
+impl Default for TokenReviewPolicy {
+    fn default() -> Self {
+        Self {
+            audiences: vec![DEFAULT_TOKEN_AUDIENCE.into()],
+            accept_api_audience: false,
+            rate: 20,
+        }
+    }
+}
+
+type Digest = [u8; 32];
+
+fn digest(token: &str) -> Digest {
+    use sha2::Digest as _;
+    sha2::Sha256::digest(token.as_bytes()).into()
+}
+
+/// A bounded map of token digests with an age limit.
+#[derive(Debug)]
+struct TtlCache<V> {
+    ttl: Duration,
+    entries: HashMap<Digest, (Instant, V)>,
+}
+
+impl<V: Clone> TtlCache<V> {
+    fn new(ttl: Duration) -> Self {
+        Self {
+            ttl,
+            entries: HashMap::new(),
+        }
+    }
+
+    fn get(&self, key: &Digest) -> Option<V> {
+        self.entries
+            .get(key)
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, v)| v.clone())
+    }
+
+    fn insert(&mut self, key: Digest, value: V) {
+        if self.entries.len() >= TOKEN_REVIEW_CACHE_MAX {
+            let ttl = self.ttl;
+            self.entries.retain(|_, (at, _)| at.elapsed() < ttl);
+            if self.entries.len() >= TOKEN_REVIEW_CACHE_MAX {
+                self.entries.clear();
+            }
+        }
+        self.entries.insert(key, (Instant::now(), value));
+    }
+}
+
 /// Every configured way to authenticate.
-#[derive(Default)]
 pub struct Authenticator {
     pub dev_tokens: Option<HashMap<String, UserInfo>>,
     pub oidc: Option<Oidc>,
     pub token_review: Option<Arc<dyn TokenReviewer>>,
-    /// SHA-256 of a token → who TokenReview said it was, and when.
-    pub reviewed: std::sync::Mutex<HashMap<[u8; 32], (Instant, UserInfo)>>,
+    pub policy: TokenReviewPolicy,
+    /// Token digest → who TokenReview said it was.
+    reviewed: std::sync::Mutex<TtlCache<Credential>>,
+    /// Token digest → why it was refused.
+    refused: std::sync::Mutex<TtlCache<String>>,
+    /// Bounds TokenReviews of tokens in neither cache, whatever their source.
+    review_rate: governor::DefaultDirectRateLimiter,
 }
 
 impl std::fmt::Debug for Authenticator {
@@ -379,12 +662,57 @@ impl std::fmt::Debug for Authenticator {
             .field("dev_tokens", &self.dev_tokens.as_ref().map(|d| d.len()))
             .field("oidc", &self.oidc)
             .field("token_review", &self.token_review.is_some())
+            .field("policy", &self.policy)
             .finish()
     }
 }
 
+impl Default for Authenticator {
+    fn default() -> Self {
+        Self::new(None, None, None, TokenReviewPolicy::default())
+    }
+}
+
+/// The `exp` of a JWT, read without verification: only for a token the API server accepted.
+fn unverified_expiry(token: &str) -> Option<SystemTime> {
+    use base64::Engine as _;
+    #[derive(Deserialize)]
+    struct Exp {
+        exp: Option<u64>,
+    }
+    let payload = token.split('.').nth(1)?;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
+    let exp = serde_json::from_slice::<Exp>(&bytes).ok()?.exp?;
+    Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
+}
+
 impl Authenticator {
-    pub async fn authenticate(&self, token: &str) -> Result<UserInfo, AuthError> {
+    pub fn new(
+        dev_tokens: Option<HashMap<String, UserInfo>>,
+        oidc: Option<Oidc>,
+        token_review: Option<Arc<dyn TokenReviewer>>,
+        policy: TokenReviewPolicy,
+    ) -> Self {
+        let rate =
+            std::num::NonZeroU32::new(policy.rate.max(1)).unwrap_or(std::num::NonZeroU32::MIN);
+        let burst = rate.saturating_mul(std::num::NonZeroU32::new(2).unwrap_or(rate));
+        Self {
+            dev_tokens,
+            oidc,
+            token_review,
+            policy,
+            reviewed: std::sync::Mutex::new(TtlCache::new(TOKEN_REVIEW_CACHE_TTL)),
+            refused: std::sync::Mutex::new(TtlCache::new(TOKEN_REFUSAL_CACHE_TTL)),
+            review_rate: governor::RateLimiter::direct(
+                governor::Quota::per_second(rate).allow_burst(burst),
+            ),
+        }
+    }
+
+    /// Who is behind a bearer token: an ID token, a Kubernetes token or a development token.
+    pub async fn authenticate(&self, token: &str) -> Result<Credential, AuthError> {
         let token = token.trim();
         if token.is_empty() {
             return Err(AuthError::Missing);
@@ -392,39 +720,77 @@ impl Authenticator {
         if let Some(dev) = &self.dev_tokens
             && let Some(u) = dev.get(token)
         {
-            return Ok(u.clone());
+            return Ok(Credential {
+                user: u.clone(),
+                via: Via::Development,
+                expires_at: None,
+            });
         }
         if let Some(oidc) = &self.oidc
             && (oidc.claims_issuer(token) || self.token_review.is_none())
         {
             return oidc.verify(token).await;
         }
-        if let Some(tr) = &self.token_review {
-            use sha2::Digest as _;
-            let key: [u8; 32] = sha2::Sha256::digest(token.as_bytes()).into();
-            {
-                let cache = self.reviewed.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some((at, user)) = cache.get(&key)
-                    && at.elapsed() < TOKEN_REVIEW_CACHE_TTL
-                {
-                    return Ok(user.clone());
-                }
-            }
-            let user = tr
-                .review(token)
-                .await?
-                .ok_or_else(|| AuthError::Invalid("the API server does not accept it".into()))?;
-            let mut cache = self.reviewed.lock().unwrap_or_else(|p| p.into_inner());
-            if cache.len() >= TOKEN_REVIEW_CACHE_MAX {
-                cache.retain(|_, (at, _)| at.elapsed() < TOKEN_REVIEW_CACHE_TTL);
-                if cache.len() >= TOKEN_REVIEW_CACHE_MAX {
-                    cache.clear();
-                }
-            }
-            cache.insert(key, (Instant::now(), user.clone()));
-            return Ok(user);
+        let Some(tr) = &self.token_review else {
+            return Err(AuthError::Invalid("unknown token".into()));
+        };
+        let key = digest(token);
+        if let Some(c) = self
+            .reviewed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Ok(c);
         }
-        Err(AuthError::Invalid("unknown token".into()))
+        if let Some(why) = self
+            .refused
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&key)
+        {
+            return Err(AuthError::Invalid(why));
+        }
+        // A flood of made-up tokens must not become a flood of TokenReviews.
+        if self.review_rate.check().is_err() {
+            return Err(AuthError::Throttled);
+        }
+        let mut user = tr.review(token, &self.policy.audiences).await?;
+        if user.is_none() && self.policy.accept_api_audience {
+            user = tr.review(token, &[]).await?;
+        }
+        let Some(user) = user else {
+            let why = if self.policy.accept_api_audience {
+                "the API server does not accept it".to_owned()
+            } else {
+                format!(
+                    "the API server does not accept it for the audience {} (a token for the API \
+                     server itself is a full API credential and is not accepted: use `kubectl \
+                     create token --audience {}`)",
+                    self.policy.audiences.join(","),
+                    self.policy
+                        .audiences
+                        .first()
+                        .map(String::as_str)
+                        .unwrap_or(DEFAULT_TOKEN_AUDIENCE)
+                )
+            };
+            self.refused
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(key, why.clone());
+            return Err(AuthError::Invalid(why));
+        };
+        let credential = Credential {
+            user,
+            via: Via::Kubernetes,
+            expires_at: unverified_expiry(token),
+        };
+        self.reviewed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key, credential.clone());
+        Ok(credential)
     }
 }
 
@@ -433,15 +799,23 @@ mod tests {
     use super::*;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    /// Accepts `good-k8s-token` for the audience `tether` and `api-token` only for the API
+    /// server's own audiences (an empty list), and counts the reviews.
     struct Counting(AtomicUsize);
 
     impl TokenReviewer for Counting {
         fn review<'a>(
             &'a self,
             token: &'a str,
+            audiences: &'a [String],
         ) -> BoxFuture<'a, Result<Option<UserInfo>, AuthError>> {
             self.0.fetch_add(1, Ordering::SeqCst);
-            let answer = (token == "good-k8s-token").then(|| UserInfo {
+            let ok = match token {
+                "good-k8s-token" => audiences.iter().any(|a| a == "tether"),
+                "api-token" => audiences.is_empty(),
+                _ => false,
+            };
+            let answer = ok.then(|| UserInfo {
                 user: "system:serviceaccount:a:b".into(),
                 groups: vec![],
             });
@@ -449,24 +823,159 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn accepted_kubernetes_tokens_are_reviewed_once_per_ttl_and_refusals_every_time() {
+    fn reviewing(policy: TokenReviewPolicy) -> (Arc<Counting>, Authenticator) {
         let reviewer = Arc::new(Counting(AtomicUsize::new(0)));
-        let authn = Authenticator {
-            token_review: Some(reviewer.clone()),
-            ..Default::default()
-        };
+        let authn = Authenticator::new(None, None, Some(reviewer.clone()), policy);
+        (reviewer, authn)
+    }
+
+    #[tokio::test]
+    async fn kubernetes_tokens_are_reviewed_once_per_ttl_and_so_are_refusals() {
+        let (reviewer, authn) = reviewing(TokenReviewPolicy::default());
         for _ in 0..3 {
-            assert_eq!(
-                authn.authenticate("good-k8s-token").await.unwrap().user,
-                "system:serviceaccount:a:b"
-            );
+            let c = authn.authenticate("good-k8s-token").await.unwrap();
+            assert_eq!(c.user.user, "system:serviceaccount:a:b");
+            assert_eq!(c.via, Via::Kubernetes);
         }
         assert_eq!(reviewer.0.load(Ordering::SeqCst), 1);
-        for _ in 0..2 {
+        for _ in 0..5 {
             assert!(authn.authenticate("bad-k8s-token").await.is_err());
         }
-        assert_eq!(reviewer.0.load(Ordering::SeqCst), 3);
+        assert_eq!(reviewer.0.load(Ordering::SeqCst), 2, "a refusal is cached");
+    }
+
+    #[tokio::test]
+    async fn an_api_server_token_is_refused_unless_allowed() {
+        let (_, authn) = reviewing(TokenReviewPolicy::default());
+        let e = authn.authenticate("api-token").await.unwrap_err();
+        assert!(e.to_string().contains("--audience tether"), "{e}");
+        let (_, authn) = reviewing(TokenReviewPolicy {
+            accept_api_audience: true,
+            ..Default::default()
+        });
+        assert!(authn.authenticate("api-token").await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_unknown_tokens_is_throttled_not_reviewed() {
+        let (reviewer, authn) = reviewing(TokenReviewPolicy {
+            rate: 5,
+            ..Default::default()
+        });
+        let mut throttled = 0;
+        for i in 0..200 {
+            if let Err(AuthError::Throttled) = authn.authenticate(&format!("random-{i}")).await {
+                throttled += 1;
+            }
+        }
+        let reviews = reviewer.0.load(Ordering::SeqCst);
+        assert!(
+            reviews <= 11,
+            "{reviews} TokenReviews for 200 random tokens"
+        );
+        assert_eq!(throttled + reviews, 200);
+    }
+
+    fn claims(json: serde_json::Value) -> serde_json::Map<String, serde_json::Value> {
+        json.as_object().unwrap().clone()
+    }
+
+    const ISS: &str = "https://idp.example/realms/t";
+
+    #[test]
+    fn usernames_are_prefixed_with_the_issuer_unless_they_are_emails() {
+        let m = IdentityMapping::default();
+        let u = map_identity(ISS, &m, &claims(serde_json::json!({"sub": "alice"}))).unwrap();
+        assert_eq!(u.user, "https://idp.example/realms/t#alice");
+        let email = IdentityMapping {
+            username_claim: "email".into(),
+            ..Default::default()
+        };
+        let c = claims(serde_json::json!({"email": "a@x.test", "email_verified": true}));
+        assert_eq!(map_identity(ISS, &email, &c).unwrap().user, "a@x.test");
+        let c = claims(serde_json::json!({"email": "a@x.test", "email_verified": false}));
+        assert!(map_identity(ISS, &email, &c).is_err());
+        let c = claims(serde_json::json!({"email": "a@x.test"}));
+        assert_eq!(map_identity(ISS, &email, &c).unwrap().user, "a@x.test");
+        let none = IdentityMapping {
+            username_prefix: Some("-".into()),
+            ..Default::default()
+        };
+        let c = claims(serde_json::json!({"sub": "alice"}));
+        assert_eq!(map_identity(ISS, &none, &c).unwrap().user, "alice");
+        let oidc = IdentityMapping {
+            username_prefix: Some("oidc:".into()),
+            ..Default::default()
+        };
+        assert_eq!(map_identity(ISS, &oidc, &c).unwrap().user, "oidc:alice");
+    }
+
+    #[test]
+    fn groups_are_a_string_or_a_list_and_get_the_prefix() {
+        let m = IdentityMapping {
+            groups_prefix: "oidc:".into(),
+            ..Default::default()
+        };
+        let c = claims(serde_json::json!({"sub": "a", "groups": ["devs", "ops"]}));
+        assert_eq!(
+            map_identity(ISS, &m, &c).unwrap().groups,
+            ["oidc:devs", "oidc:ops"]
+        );
+        let c = claims(serde_json::json!({"sub": "a", "groups": "devs"}));
+        assert_eq!(map_identity(ISS, &m, &c).unwrap().groups, ["oidc:devs"]);
+        let c = claims(serde_json::json!({"sub": "a", "groups": [1]}));
+        assert!(map_identity(ISS, &m, &c).is_err());
+        let c = claims(serde_json::json!({"sub": "a", "groups": {"x": 1}}));
+        assert!(map_identity(ISS, &m, &c).is_err());
+        let no_claim = IdentityMapping {
+            groups_claim: None,
+            ..Default::default()
+        };
+        let c = claims(serde_json::json!({"sub": "a", "groups": ["devs"]}));
+        assert!(map_identity(ISS, &no_claim, &c).unwrap().groups.is_empty());
+    }
+
+    #[test]
+    fn reserved_names_are_refused_with_words() {
+        let bare = IdentityMapping {
+            username_prefix: Some("-".into()),
+            ..Default::default()
+        };
+        for c in [
+            serde_json::json!({"sub": "system:admin"}),
+            serde_json::json!({"sub": "system:serviceaccount:default:default"}),
+            serde_json::json!({"sub": "a", "groups": ["system:masters"]}),
+            serde_json::json!({"sub": "a", "groups": "system:masters"}),
+        ] {
+            let e = map_identity(ISS, &bare, &claims(c.clone())).unwrap_err();
+            assert!(
+                e.to_string().contains("reserved for Kubernetes"),
+                "{c}: {e}"
+            );
+        }
+        // With a groups prefix, the same group is harmless, as it is to kube-apiserver.
+        let prefixed = IdentityMapping {
+            groups_prefix: "oidc:".into(),
+            ..Default::default()
+        };
+        let c = claims(serde_json::json!({"sub": "system:admin", "groups": ["system:masters"]}));
+        let u = map_identity(ISS, &prefixed, &c).unwrap();
+        assert_eq!(u.user, format!("{ISS}#system:admin"));
+        assert_eq!(u.groups, ["oidc:system:masters"]);
+    }
+
+    #[test]
+    fn required_claims_and_the_username_claim_must_be_present() {
+        let m = IdentityMapping {
+            required_claims: vec![("hd".into(), "example.com".into())],
+            ..Default::default()
+        };
+        assert!(map_identity(ISS, &m, &claims(serde_json::json!({"sub": "a"}))).is_err());
+        let c = claims(serde_json::json!({"sub": "a", "hd": "example.com"}));
+        assert!(map_identity(ISS, &m, &c).is_ok());
+        let d = IdentityMapping::default();
+        assert!(map_identity(ISS, &d, &claims(serde_json::json!({"sub": ""}))).is_err());
+        assert!(map_identity(ISS, &d, &claims(serde_json::json!({"sub": 7}))).is_err());
     }
 
     #[test]

@@ -9,7 +9,10 @@ use clap::Parser;
 use jsonwebtoken::Algorithm;
 use tether_protocol::ticket::Signer;
 
-use crate::authn::{JwksSource, OidcConfig, UserInfo, parse_dev_tokens};
+use crate::authn::{
+    IdentityMapping, JwksSource, OidcConfig, TokenReviewPolicy, UserInfo, parse_dev_tokens,
+};
+use crate::signin::SignInConfig;
 use crate::{Error, Result};
 
 fn duration(s: &str) -> Result<Duration, String> {
@@ -34,16 +37,22 @@ pub struct Args {
         value_delimiter = ','
     )]
     pub allowed_origins: Vec<String>,
-    /// OIDC issuer (`iss`) of accepted ID tokens.
+    /// OIDC issuer (`iss`) of accepted ID tokens, exactly; also where browser sign-in and
+    /// `kubectl tether login` discover the provider (`{issuer}/.well-known/openid-configuration`).
     #[arg(long, env = "TETHER_OIDC_ISSUER")]
     pub oidc_issuer: Option<String>,
-    /// OIDC audience (`aud`, the client ID) of accepted ID tokens.
-    #[arg(long, env = "TETHER_OIDC_AUDIENCE")]
-    pub oidc_audience: Option<String>,
-    /// JWKS of the OIDC provider, from a file.
+    /// Accepted `aud` values of ID tokens (repeatable): the gateway's client ID, and the CLI's
+    /// if it has its own. Like kube-apiserver's `--oidc-client-id`.
+    #[arg(
+        long = "oidc-audience",
+        env = "TETHER_OIDC_AUDIENCE",
+        value_delimiter = ','
+    )]
+    pub oidc_audiences: Vec<String>,
+    /// JWKS of the OIDC provider, from a file (default: the `jwks_uri` of discovery).
     #[arg(long, env = "TETHER_OIDC_JWKS_FILE", conflicts_with = "oidc_jwks_url")]
     pub oidc_jwks_file: Option<PathBuf>,
-    /// JWKS of the OIDC provider, from a URL.
+    /// JWKS of the OIDC provider, from a URL (default: the `jwks_uri` of discovery).
     #[arg(long, env = "TETHER_OIDC_JWKS_URL")]
     pub oidc_jwks_url: Option<String>,
     /// Accepted signature algorithms; a token naming another is refused.
@@ -54,15 +63,87 @@ pub struct Args {
         default_value = "RS256,ES256"
     )]
     pub oidc_algorithms: Vec<String>,
-    /// Claim naming the user.
+    /// Claim naming the user, as kube-apiserver's `--oidc-username-claim`.
     #[arg(long, env = "TETHER_OIDC_USERNAME_CLAIM", default_value = "sub")]
     pub oidc_username_claim: String,
-    /// Claim listing the user's groups.
+    /// Prepended to every username, as kube-apiserver's `--oidc-username-prefix`. Unset: the
+    /// issuer URL and `#`, unless the claim is `email`. `-`: no prefix.
+    #[arg(long, env = "TETHER_OIDC_USERNAME_PREFIX")]
+    pub oidc_username_prefix: Option<String>,
+    /// Claim holding the groups (a string or a list of strings), as kube-apiserver's
+    /// `--oidc-groups-claim`; empty: no groups.
     #[arg(long, env = "TETHER_OIDC_GROUPS_CLAIM", default_value = "groups")]
     pub oidc_groups_claim: String,
+    /// Prepended to every group, as kube-apiserver's `--oidc-groups-prefix` (default none).
+    #[arg(long, env = "TETHER_OIDC_GROUPS_PREFIX", default_value = "")]
+    pub oidc_groups_prefix: String,
+    /// `claim=value` that every ID token must carry (repeatable), as kube-apiserver's
+    /// `--oidc-required-claim`.
+    #[arg(
+        long = "oidc-required-claim",
+        env = "TETHER_OIDC_REQUIRED_CLAIMS",
+        value_delimiter = ','
+    )]
+    pub oidc_required_claims: Vec<String>,
     /// Least time between JWKS refetches caused by unknown key IDs.
     #[arg(long, env = "TETHER_OIDC_REFETCH_INTERVAL", default_value = "30s", value_parser = duration)]
     pub oidc_refetch_interval: Duration,
+    /// Client ID of the gateway for browser sign-in (default: the first `--oidc-audience`).
+    #[arg(long, env = "TETHER_OIDC_CLIENT_ID")]
+    pub oidc_client_id: Option<String>,
+    /// File holding the gateway's client secret (a confidential client); without it the gateway
+    /// signs in as a public client with PKCE only.
+    #[arg(long, env = "TETHER_OIDC_CLIENT_SECRET_FILE")]
+    pub oidc_client_secret_file: Option<PathBuf>,
+    /// Scopes asked for at sign-in (`openid` is always asked).
+    #[arg(
+        long,
+        env = "TETHER_OIDC_SCOPES",
+        value_delimiter = ',',
+        default_value = "openid,email,profile"
+    )]
+    pub oidc_scopes: Vec<String>,
+    /// Public client ID that `kubectl tether login` should use, advertised at `/api/auth`
+    /// (must be one of the `--oidc-audience`s).
+    #[arg(long, env = "TETHER_OIDC_CLI_CLIENT_ID")]
+    pub oidc_cli_client_id: Option<String>,
+    /// The URL browsers reach the gateway at (e.g. `https://tether.example.com`): the sign-in
+    /// callback is `{url}/auth/callback`. Browser sign-in is on when this and `--oidc-issuer`
+    /// are set.
+    #[arg(long, env = "TETHER_EXTERNAL_URL")]
+    pub external_url: Option<String>,
+    /// File of at least 32 random bytes from which the cookie encryption key is derived; every
+    /// replica needs the same one. Without it a random key is made (sign-ins then last only as
+    /// long as this process and work on this replica only).
+    #[arg(long, env = "TETHER_SESSION_KEY_FILE")]
+    pub session_key_file: Option<PathBuf>,
+    /// Longest a browser sign-in lasts, refreshes included.
+    #[arg(long, env = "TETHER_SESSION_MAX_LIFETIME", default_value = "12h", value_parser = duration)]
+    pub session_max_lifetime: Duration,
+    /// Where browser sessions are kept: `kubernetes` (Secrets in `--session-namespace`, shared
+    /// by every replica) or `memory` (this process only).
+    #[arg(long, env = "TETHER_SESSION_STORE", default_value = "kubernetes")]
+    pub session_store: String,
+    /// Namespace of the browser-session Secrets (the gateway's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    pub session_namespace: String,
+    /// Audience Kubernetes tokens must be issued for (repeatable): `kubectl create token
+    /// --audience tether SA`.
+    #[arg(
+        long = "token-audience",
+        env = "TETHER_TOKEN_AUDIENCES",
+        value_delimiter = ',',
+        default_value = "tether"
+    )]
+    pub token_audiences: Vec<String>,
+    /// Also accept Kubernetes tokens issued for the API server itself. They are full API
+    /// credentials that any service handed one could replay: off by default.
+    #[arg(long, env = "TETHER_ACCEPT_API_SERVER_TOKENS")]
+    pub accept_api_server_tokens: bool,
+    /// TokenReviews per second for tokens not seen recently (bursts of twice that); beyond it
+    /// unknown tokens get 503 "try again". Accepted and refused tokens are cached for 10 s.
+    #[arg(long, env = "TETHER_TOKEN_REVIEW_RATE", default_value_t = 20)]
+    pub token_review_rate: u32,
     /// Development only: a file of `token,user,group1|group2` lines accepted as they are.
     #[arg(long, env = "TETHER_DEV_TOKEN_FILE")]
     pub dev_token_file: Option<PathBuf>,
@@ -109,6 +190,10 @@ pub struct Config {
     pub signer: Signer,
     pub dev_tokens: Option<HashMap<String, UserInfo>>,
     pub oidc: Option<OidcConfig>,
+    /// Browser sign-in, when the provider and the external URL are configured.
+    pub signin: Option<SignInConfig>,
+    pub token_review: TokenReviewPolicy,
+    pub cookie_key: cookie::Key,
 }
 
 fn algorithm(name: &str) -> Result<Algorithm> {
@@ -152,17 +237,21 @@ impl Args {
                 })?)
             }
         };
-        let oidc = match (&self.oidc_issuer, &self.oidc_audience) {
-            (None, None) => None,
-            (Some(issuer), Some(audience)) => {
+        let oidc = match &self.oidc_issuer {
+            None if !self.oidc_audiences.is_empty() => {
+                return Err(Error::Config("--oidc-audience needs --oidc-issuer".into()));
+            }
+            None => None,
+            Some(_) if self.oidc_audiences.is_empty() => {
+                return Err(Error::Config(
+                    "--oidc-issuer needs at least one --oidc-audience (the client ID)".into(),
+                ));
+            }
+            Some(issuer) => {
                 let jwks = match (&self.oidc_jwks_file, &self.oidc_jwks_url) {
                     (Some(f), None) => JwksSource::File(f.clone()),
                     (None, Some(u)) => JwksSource::Url(u.clone()),
-                    _ => {
-                        return Err(Error::Config(
-                            "OIDC needs exactly one of --oidc-jwks-file and --oidc-jwks-url".into(),
-                        ));
-                    }
+                    _ => JwksSource::Discovery,
                 };
                 let algorithms = self
                     .oidc_algorithms
@@ -172,21 +261,131 @@ impl Args {
                 if algorithms.is_empty() {
                     return Err(Error::Config("--oidc-algorithms is empty".into()));
                 }
+                let required_claims = self
+                    .oidc_required_claims
+                    .iter()
+                    .map(|kv| {
+                        kv.split_once('=')
+                            .filter(|(k, _)| !k.is_empty())
+                            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                            .ok_or_else(|| {
+                                Error::Config(format!(
+                                    "--oidc-required-claim {kv:?}: expected claim=value"
+                                ))
+                            })
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                if let Some(cli) = &self.oidc_cli_client_id
+                    && !self.oidc_audiences.contains(cli)
+                {
+                    return Err(Error::Config(format!(
+                        "--oidc-cli-client-id {cli} must also be an --oidc-audience, or its \
+                         tokens would be refused"
+                    )));
+                }
                 Some(OidcConfig {
                     issuer: issuer.clone(),
-                    audience: audience.clone(),
+                    audiences: self.oidc_audiences.clone(),
                     algorithms,
                     jwks,
-                    username_claim: self.oidc_username_claim.clone(),
-                    groups_claim: self.oidc_groups_claim.clone(),
+                    mapping: IdentityMapping {
+                        username_claim: self.oidc_username_claim.clone(),
+                        username_prefix: self.oidc_username_prefix.clone(),
+                        groups_claim: Some(self.oidc_groups_claim.clone())
+                            .filter(|c| !c.is_empty()),
+                        groups_prefix: self.oidc_groups_prefix.clone(),
+                        required_claims,
+                    },
                     refetch_interval: self.oidc_refetch_interval,
                 })
             }
-            _ => {
+        };
+        let signin = match (&oidc, &self.external_url) {
+            (Some(oidc), Some(external)) => {
+                let external_url = url::Url::parse(external.trim_end_matches('/'))
+                    .map_err(|e| Error::Config(format!("--external-url {external}: {e}")))?;
+                if !matches!(external_url.scheme(), "http" | "https")
+                    || external_url.host_str().is_none()
+                {
+                    return Err(Error::Config(format!(
+                        "--external-url {external}: expected http(s)://host[:port]"
+                    )));
+                }
+                let client_secret = match &self.oidc_client_secret_file {
+                    None => None,
+                    Some(path) => Some(
+                        std::fs::read_to_string(path)
+                            .map_err(|e| {
+                                Error::Config(format!(
+                                    "--oidc-client-secret-file {}: {e}",
+                                    path.display()
+                                ))
+                            })?
+                            .trim()
+                            .to_owned(),
+                    ),
+                };
+                let client_id = self
+                    .oidc_client_id
+                    .clone()
+                    .unwrap_or_else(|| oidc.audiences[0].clone());
+                if !oidc.audiences.contains(&client_id) {
+                    return Err(Error::Config(format!(
+                        "--oidc-client-id {client_id} must also be an --oidc-audience"
+                    )));
+                }
+                Some(SignInConfig {
+                    issuer: oidc.issuer.clone(),
+                    client_id,
+                    client_secret,
+                    external_url,
+                    scopes: self.oidc_scopes.clone(),
+                    max_lifetime: self.session_max_lifetime,
+                })
+            }
+            (None, Some(_)) => {
                 return Err(Error::Config(
-                    "--oidc-issuer and --oidc-audience go together".into(),
+                    "--external-url is for browser sign-in, which needs --oidc-issuer".into(),
                 ));
             }
+            _ => None,
+        };
+        let cookie_key = match &self.session_key_file {
+            Some(path) => {
+                let bytes = std::fs::read(path).map_err(|e| {
+                    Error::Config(format!("--session-key-file {}: {e}", path.display()))
+                })?;
+                if bytes.len() < 32 {
+                    return Err(Error::Config(format!(
+                        "--session-key-file {}: needs at least 32 bytes, has {}",
+                        path.display(),
+                        bytes.len()
+                    )));
+                }
+                cookie::Key::derive_from(&bytes)
+            }
+            None => {
+                tracing::warn!(
+                    "no --session-key-file: browser sign-ins last only as long as this process"
+                );
+                cookie::Key::generate()
+            }
+        };
+        if !matches!(self.session_store.as_str(), "kubernetes" | "memory") {
+            return Err(Error::Config(format!(
+                "--session-store {}: expected kubernetes or memory",
+                self.session_store
+            )));
+        }
+        if self.token_audiences.iter().all(|a| a.trim().is_empty()) {
+            return Err(Error::Config(
+                "--token-audience is empty: Kubernetes tokens need an audience".into(),
+            ));
+        }
+        let token_review = TokenReviewPolicy {
+            audiences: self.token_audiences.clone(),
+            accept_api_audience: self.accept_api_server_tokens,
+            rate: self.token_review_rate.max(1),
         };
         if self.allowed_origins.is_empty() {
             tracing::warn!("no --allowed-origin: every WebSocket handshake will be refused");
@@ -201,6 +400,9 @@ impl Args {
             signer,
             dev_tokens,
             oidc,
+            signin,
+            token_review,
+            cookie_key,
         })
     }
 }

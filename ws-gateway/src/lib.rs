@@ -16,6 +16,8 @@ pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
+pub mod sessions;
+pub mod signin;
 pub mod test_backend;
 
 use std::future::Future;
@@ -35,6 +37,8 @@ use crate::authz::{AccessReviewer, Authorizer};
 use crate::index::SharedIndex;
 use crate::limits::{ConnectionLimiter, HandshakeRate};
 use crate::metrics::Metrics;
+use crate::sessions::SharedStore;
+use crate::signin::SignIn;
 
 /// Everything that can stop the gateway from starting or serving.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +62,8 @@ pub struct Backends {
     pub access: Arc<dyn AccessReviewer>,
     /// `None` disables Kubernetes tokens.
     pub token_review: Option<Arc<dyn TokenReviewer>>,
+    /// Where browser sessions live.
+    pub sessions: SharedStore,
 }
 
 impl std::fmt::Debug for Backends {
@@ -72,6 +78,11 @@ pub struct Gateway {
     pub config: Config,
     pub authn: Authenticator,
     pub authz: Authorizer,
+    /// Browser sign-in with the OIDC provider, when configured.
+    pub signin: Option<SignIn>,
+    pub sessions: SharedStore,
+    /// Serializes refreshes of browser sessions on this replica.
+    pub refreshing: tokio::sync::Mutex<()>,
     pub index: SharedIndex,
     pub conns: ConnectionLimiter,
     pub rate: HandshakeRate,
@@ -86,12 +97,13 @@ pub struct Gateway {
 impl Gateway {
     pub fn new(config: Config, backends: Backends, audit: AuditLog) -> Arc<Self> {
         let metrics = Arc::new(Metrics::new());
-        let authn = Authenticator {
-            dev_tokens: config.dev_tokens.clone(),
-            oidc: config.oidc.clone().map(|o| Oidc::new(o, metrics.clone())),
-            token_review: backends.token_review,
-            reviewed: Default::default(),
-        };
+        let authn = Authenticator::new(
+            config.dev_tokens.clone(),
+            config.oidc.clone().map(|o| Oidc::new(o, metrics.clone())),
+            backends.token_review,
+            config.token_review.clone(),
+        );
+        let signin = config.signin.clone().map(SignIn::new);
         let authz = Authorizer::new(
             backends.access,
             config.args.authz_cache_ttl,
@@ -103,6 +115,9 @@ impl Gateway {
             config,
             authn,
             authz,
+            signin,
+            sessions: backends.sessions,
+            refreshing: tokio::sync::Mutex::new(()),
             index: backends.index,
             metrics,
             audit,

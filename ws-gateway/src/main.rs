@@ -24,6 +24,13 @@ async fn main() -> anyhow::Result<()> {
         .await
         .map_err(Error::Listen)?;
     let idx = index::Index::shared();
+    let sessions: tether_gateway::sessions::SharedStore = match config.args.session_store.as_str() {
+        "memory" => Arc::new(tether_gateway::sessions::MemoryStore::default()),
+        _ => Arc::new(tether_gateway::sessions::SecretStore::start(
+            client.clone(),
+            &config.args.session_namespace,
+        )),
+    };
     tokio::spawn(index::run_watch(client.clone(), idx.clone()));
     let gw = Gateway::new(
         config,
@@ -31,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
             index: idx,
             access: Arc::new(KubeAccessReview(client.clone())),
             token_review: Some(Arc::new(KubeTokenReview(client))),
+            sessions,
         },
         audit,
     );

@@ -57,6 +57,11 @@ fn close_msg(code: u16, reason: &str) -> Message {
     }))
 }
 
+/// Close codes only the gateway may send; an agent that sends one is relayed as `4500`.
+pub fn is_gateway_only(code: u16) -> bool {
+    code == CloseCode::REVOKED.0 || code == CloseCode::SIGNED_OUT.0
+}
+
 /// Checks one client frame; `Err` is the close code and reason to end the connection with.
 pub fn check_client_frame(
     bytes: &[u8],
@@ -88,13 +93,14 @@ pub fn check_client_frame(
 }
 
 /// Forwards frames until either side closes, the client idles out, `shutdown` fires, or
-/// `revoked` resolves (with the reason sent under [`CloseCode::REVOKED`]).
+/// `ended` resolves with the close code and reason to send: [`CloseCode::REVOKED`] when RBAC no
+/// longer allows the connection, [`CloseCode::SIGNED_OUT`] when its credential ended.
 pub async fn proxy<C, CE, A, AE, R>(
     client: C,
     agent: A,
     settings: ProxySettings,
     shutdown: CancellationToken,
-    revoked: R,
+    ended: R,
     metrics: &Metrics,
 ) -> ProxyOutcome
 where
@@ -102,9 +108,9 @@ where
     A: Sink<Message, Error = AE> + Stream<Item = Result<Message, AE>> + Unpin,
     CE: Into<BoxError>,
     AE: Into<BoxError>,
-    R: Future<Output = String>,
+    R: Future<Output = (CloseCode, String)>,
 {
-    let mut revoked = std::pin::pin!(revoked);
+    let mut ended = std::pin::pin!(ended);
     let (mut c_tx, mut c_rx) = client.split();
     let (mut a_tx, mut a_rx) = agent.split();
     // Cloned out of the family: its guard must not live across awaits.
@@ -201,7 +207,7 @@ where
     loop {
         tokio::select! {
             () = shutdown.cancelled() => end!(CloseCode::GOING_AWAY.0, SHUTDOWN_REASON.into()),
-            reason = &mut revoked => end!(CloseCode::REVOKED.0, reason),
+            (code, reason) = &mut ended => end!(code.0, reason),
             m = c_rx.next() => {
                 last_seen = Instant::now();
                 match m {
@@ -262,6 +268,12 @@ where
                 Some(Ok(Message::Close(f))) => {
                     // The agent's code and words reach the client unchanged.
                     let (code, reason) = f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1000, String::new()));
+                    // The agent runs in the user's pod: it may not speak for the gateway.
+                    let (code, reason) = if is_gateway_only(code) {
+                        (CloseCode::INTERNAL.0, format!("the session agent sent the gateway's close code {code}"))
+                    } else {
+                        (code, reason)
+                    };
                     let reason = if reason.is_empty() { CloseCode(code).reason().to_owned() } else { reason };
                     let _ = timeout(Duration::from_secs(1), c_tx.send(close_msg(code, &reason))).await;
                     out.code = code;

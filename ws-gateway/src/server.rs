@@ -26,16 +26,17 @@ use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
 use tracing::Instrument;
 
 use crate::Gateway;
-use crate::authn::{AuthError, UserInfo};
+use crate::authn::{AuthError, Credential, UserInfo, Via};
 use crate::index::SessionView;
 use crate::limits::origin_allowed;
 use crate::metrics::ModeLabel;
 use crate::proxy::{ProxySettings, proxy};
+use crate::sessions::{BrowserSession, SessionKey, Versioned, now_secs};
+use crate::signin::{CallbackQuery, PendingSignIn, SIGN_IN_TIMEOUT, safe_next, state_cookie_name};
 
-/// Name of the cookie holding the user's token.
-pub const COOKIE: &str = "tether_token";
-/// Prefix of the subprotocol that carries a bearer token for non-browser clients.
-pub const BEARER_PROTOCOL_PREFIX: &str = "tether.bearer.";
+/// Name of the cookie holding the browser session's (encrypted) ID. It never holds a token.
+pub const SESSION_COOKIE: &str = "tether_session";
+pub use tether_protocol::{BEARER_PROTOCOL_PREFIX, bearer_protocol, bearer_protocol_token};
 
 const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
 font-src 'self'; connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'";
@@ -95,8 +96,12 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/", get(index_page))
         .route("/index.html", get(index_page))
         .route("/assets/{*path}", get(asset))
+        .route("/api/auth", get(auth_methods))
         .route("/api/login", post(login))
         .route("/api/logout", post(logout))
+        .route("/auth/login", get(signin_begin))
+        .route("/auth/callback", get(signin_callback))
+        .route("/auth/done", get(signin_done))
         .route("/api/whoami", get(whoami))
         .route("/api/sessions", get(sessions))
         .route("/api/sessions/{namespace}/{name}", get(session_status))
@@ -179,16 +184,40 @@ async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
         .into_response()
 }
 
-fn cookie_token(headers: &HeaderMap) -> Option<String> {
+/// The raw value of every cookie called `name`.
+fn cookies_named<'h>(headers: &'h HeaderMap, name: &'h str) -> impl Iterator<Item = String> + 'h {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(cookie::Cookie::split_parse)
         .filter_map(Result::ok)
-        .find(|c| c.name() == COOKIE)
+        .filter(move |c| c.name() == name)
         .map(|c| c.value().to_owned())
-        .filter(|v| !v.is_empty())
+}
+
+/// `value`, encrypted and authenticated (with its name) under the session key.
+fn seal(gw: &Gateway, name: &str, value: String) -> String {
+    let mut jar = cookie::CookieJar::new();
+    jar.private_mut(&gw.config.cookie_key)
+        .add(cookie::Cookie::new(name.to_owned(), value));
+    jar.get(name)
+        .map(|c| c.value().to_owned())
+        .unwrap_or_default()
+}
+
+/// The plain value of a sealed cookie; `None` when forged, altered or renamed.
+fn unseal(gw: &Gateway, name: &str, sealed: String) -> Option<String> {
+    let mut jar = cookie::CookieJar::new();
+    jar.add_original(cookie::Cookie::new(name.to_owned(), sealed));
+    jar.private(&gw.config.cookie_key)
+        .get(name)
+        .map(|c| c.value().to_owned())
+}
+
+/// The browser session ID from the request's cookie, when one decrypts.
+fn session_id(gw: &Gateway, headers: &HeaderMap) -> Option<String> {
+    cookies_named(headers, SESSION_COOKIE).find_map(|v| unseal(gw, SESSION_COOKIE, v))
 }
 
 fn bearer_header(headers: &HeaderMap) -> Option<String> {
@@ -211,25 +240,6 @@ fn offered_protocols(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-/// The token from a `tether.bearer.<base64url>` subprotocol.
-pub fn bearer_protocol_token(protocols: &[String]) -> Option<String> {
-    let encoded = protocols
-        .iter()
-        .find_map(|p| p.strip_prefix(BEARER_PROTOCOL_PREFIX))?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(encoded.trim_end_matches('='))
-        .ok()?;
-    String::from_utf8(bytes).ok()
-}
-
-/// The subprotocol that carries `token`, for clients.
-pub fn bearer_protocol(token: &str) -> String {
-    format!(
-        "{BEARER_PROTOCOL_PREFIX}{}",
-        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token)
-    )
-}
-
 fn check_post_origin(gw: &Gateway, headers: &HeaderMap) -> Result<(), ApiError> {
     // Browsers send Origin on every POST; a cross-site one is refused (SameSite=Strict is the
     // second wall). Non-browser clients without Origin are fine here: they hold the token anyway.
@@ -250,70 +260,483 @@ struct LoginBody {
     token: String,
 }
 
-fn set_cookie(gw: &Gateway, value: &str, clear: bool) -> Result<HeaderValue, ApiError> {
-    let mut c = cookie::Cookie::build((COOKIE, value.to_owned()))
-        .path("/")
+/// A `Set-Cookie` value; `max_age` zero clears the cookie.
+fn cookie_header(
+    gw: &Gateway,
+    name: &str,
+    value: &str,
+    path: &str,
+    same_site: cookie::SameSite,
+    max_age: Option<Duration>,
+) -> HeaderValue {
+    let mut c = cookie::Cookie::build((name.to_owned(), value.to_owned()))
+        .path(path.to_owned())
         .http_only(true)
-        .same_site(cookie::SameSite::Strict)
+        .same_site(same_site)
         .secure(!gw.config.args.insecure_cookies);
-    if clear {
-        c = c.max_age(cookie::time::Duration::ZERO);
+    if let Some(age) = max_age {
+        c = c.max_age(cookie::time::Duration::seconds(age.as_secs() as i64));
     }
-    HeaderValue::from_str(&c.build().to_string())
-        .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "the token has invalid characters"))
+    // Names and values are ours (base64 and fixed names): always valid header text.
+    HeaderValue::from_str(&c.build().to_string()).unwrap_or(HeaderValue::from_static(""))
 }
 
+/// Who is asking: a browser session, or a bearer token.
+#[derive(Debug, Clone)]
+pub struct Principal {
+    pub user: UserInfo,
+    pub via: Via,
+    pub expires_at: Option<std::time::SystemTime>,
+    /// The browser session, when the request came with one.
+    pub session: Option<SessionKey>,
+}
+
+impl Principal {
+    fn from_bearer(c: Credential) -> Self {
+        Self {
+            user: c.user,
+            via: c.via,
+            expires_at: c.expires_at,
+            session: None,
+        }
+    }
+
+    fn from_session(key: SessionKey, s: &BrowserSession) -> Self {
+        Self {
+            user: s.user.clone(),
+            via: s.via,
+            expires_at: Some(s.expires()),
+            session: Some(key),
+        }
+    }
+}
+
+/// Refresh a session this long before it would end, so a live terminal never sees a gap.
+const REFRESH_AHEAD: u64 = 60;
+
+/// Why a browser session is no longer usable, in words for the person.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionEnd {
+    SignedOut,
+    Expired(String),
+}
+
+impl SessionEnd {
+    pub fn words(&self) -> String {
+        match self {
+            SessionEnd::SignedOut => "you signed out".into(),
+            SessionEnd::Expired(why) if why.is_empty() => "your sign-in expired".into(),
+            SessionEnd::Expired(why) => format!("your sign-in expired: {why}"),
+        }
+    }
+}
+
+/// The live browser session `key`, refreshed with the provider when it is about to end.
+/// `Ok(Err(_))`: the session is over (and deleted); `Err`: the store cannot be reached.
+pub async fn live_session(
+    gw: &Gateway,
+    key: &SessionKey,
+) -> Result<Result<BrowserSession, SessionEnd>, AuthError> {
+    let unavailable = |e: crate::sessions::StoreError| AuthError::Unavailable(e.to_string());
+    let Some(Versioned { session, version }) = gw.sessions.get(key).await.map_err(unavailable)?
+    else {
+        return Ok(Err(SessionEnd::SignedOut));
+    };
+    let now = now_secs();
+    if now + REFRESH_AHEAD < session.expires_at {
+        return Ok(Ok(session));
+    }
+    let can_refresh = session.refresh_token.is_some() && now < session.absolute_end;
+    let (Some(signin), Some(oidc), true) = (&gw.signin, &gw.authn.oidc, can_refresh) else {
+        if session.is_expired() {
+            let _ = gw.sessions.delete(key).await;
+            return Ok(Err(SessionEnd::Expired(String::new())));
+        }
+        return Ok(Ok(session));
+    };
+    // One refresh at a time on this replica; re-read in case another request just did it.
+    let _one = gw.refreshing.lock().await;
+    let Some(Versioned {
+        session,
+        version: v2,
+    }) = gw.sessions.get(key).await.map_err(unavailable)?
+    else {
+        return Ok(Err(SessionEnd::SignedOut));
+    };
+    if v2 != version && now + REFRESH_AHEAD < session.expires_at {
+        return Ok(Ok(session));
+    }
+    match signin.refresh(oidc, &session).await {
+        Ok(fresh) => match gw.sessions.update(key, &fresh, &v2).await {
+            Ok(()) => Ok(Ok(fresh)),
+            // Another replica refreshed it first: theirs stands.
+            Err(crate::sessions::StoreError::Conflict) => match gw.sessions.get(key).await {
+                Ok(Some(v)) => Ok(Ok(v.session)),
+                Ok(None) => Ok(Err(SessionEnd::SignedOut)),
+                Err(e) => Err(unavailable(e)),
+            },
+            Err(e) => Err(unavailable(e)),
+        },
+        Err(crate::signin::SignInError::Provider(why)) if !session.is_expired() => {
+            tracing::warn!(error = %why, "cannot refresh a sign-in yet; it is still valid");
+            Ok(Ok(session))
+        }
+        Err(e) => {
+            tracing::info!(user = %session.user.user, error = %e, "sign-in ended: refresh refused");
+            let _ = gw.sessions.delete(key).await;
+            Ok(Err(SessionEnd::Expired(e.to_string())))
+        }
+    }
+}
+
+/// Who is behind a request: its browser session cookie first, else `bearer`.
+async fn principal(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    bearer: Option<String>,
+) -> Result<Principal, ApiError> {
+    if let Some(sid) = session_id(gw, headers) {
+        let key = SessionKey::of(&sid);
+        match live_session(gw, &key).await? {
+            Ok(s) => return Ok(Principal::from_session(key, &s)),
+            Err(end) if bearer.is_none() => {
+                return Err(ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    format!("{}: sign in again", end.words()),
+                ));
+            }
+            Err(_) => {}
+        }
+    }
+    let token = bearer.ok_or(AuthError::Missing)?;
+    Ok(Principal::from_bearer(gw.authn.authenticate(&token).await?))
+}
+
+async fn user_from_request(gw: &Gateway, headers: &HeaderMap) -> Result<UserInfo, ApiError> {
+    Ok(principal(gw, headers, bearer_header(headers)).await?.user)
+}
+
+/// Starts a browser session and answers with its cookie.
+async fn start_session(gw: &Gateway, session: &BrowserSession) -> Result<HeaderValue, ApiError> {
+    use rand::RngCore as _;
+    let mut id = [0u8; 32];
+    rand::rng().fill_bytes(&mut id);
+    let sid = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(id);
+    gw.sessions
+        .create(&SessionKey::of(&sid), session)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    let max_age = Duration::from_secs(session.absolute_end.saturating_sub(now_secs()));
+    // Lax: the provider's redirect back to us is a cross-site navigation that must carry it.
+    Ok(cookie_header(
+        gw,
+        SESSION_COOKIE,
+        &seal(gw, SESSION_COOKIE, sid),
+        "/",
+        cookie::SameSite::Lax,
+        Some(max_age),
+    ))
+}
+
+/// `GET /api/auth`: how to sign in here.
+async fn auth_methods(State(gw): State<Arc<Gateway>>) -> Response {
+    let oidc = gw.authn.oidc.as_ref().map(|o| {
+        json!({
+            "issuer": o.config().issuer,
+            "cliClientId": gw.config.args.oidc_cli_client_id,
+        })
+    });
+    Json(json!({
+        "oidc": oidc,
+        "browserSignIn": gw.signin.is_some(),
+        "developmentTokens": gw.authn.dev_tokens.is_some(),
+    }))
+    .into_response()
+}
+
+/// `POST /api/login {"token"}`: development tokens only, into a browser session.
 async fn login(
     State(gw): State<Arc<Gateway>>,
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     check_post_origin(&gw, &headers)?;
+    let Some(dev) = &gw.authn.dev_tokens else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "pasting a token is for development gateways only: use Sign in",
+        ));
+    };
     let body: LoginBody = serde_json::from_slice(&body).map_err(|_| {
         ApiError::new(
             StatusCode::BAD_REQUEST,
             "expected a JSON body {\"token\": \"...\"}",
         )
     })?;
-    let token = body.token.trim();
-    if token.is_empty()
-        || !token
-            .bytes()
-            .all(|b| b.is_ascii_graphic() && b != b';' && b != b',' && b != b'"' && b != b'\\')
-    {
+    let Some(user) = dev.get(body.token.trim()).cloned() else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
-            "token rejected: not a bearer token",
+            "token rejected: not a development token of this gateway",
         ));
-    }
-    let user = gw.authn.authenticate(token).await?;
-    tracing::info!(user = %user.user, "login");
+    };
+    tracing::info!(user = %user.user, via = "development", "signed in");
+    let now = now_secs();
+    let end = now + gw.config.args.session_max_lifetime.as_secs();
+    let session = BrowserSession {
+        user,
+        via: Via::Development,
+        subject: None,
+        expires_at: end,
+        absolute_end: end,
+        created_at: now,
+        refresh_token: None,
+        id_token: None,
+    };
+    let cookie = start_session(&gw, &session).await?;
     let mut r = StatusCode::NO_CONTENT.into_response();
-    r.headers_mut()
-        .insert(header::SET_COOKIE, set_cookie(&gw, token, false)?);
+    r.headers_mut().insert(header::SET_COOKIE, cookie);
     r.headers_mut()
         .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(r)
 }
 
+/// `POST /api/logout`: ends the browser session on the server (every replica), clears the
+/// cookie, and names the provider's sign-out page.
 async fn logout(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
     check_post_origin(&gw, &headers)?;
-    let mut r = StatusCode::NO_CONTENT.into_response();
+    let mut end_session_url = None;
+    if let Some(sid) = session_id(&gw, &headers) {
+        let key = SessionKey::of(&sid);
+        if let Ok(Some(v)) = gw.sessions.get(&key).await {
+            tracing::info!(user = %v.session.user.user, "signed out");
+            if let Some(signin) = &gw.signin
+                && v.session.via == Via::Oidc
+            {
+                end_session_url = signin.end_session_url(&v.session).await;
+            }
+        }
+        gw.sessions
+            .delete(&key)
+            .await
+            .map_err(|e| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))?;
+    }
+    let mut r = Json(json!({ "endSessionUrl": end_session_url })).into_response();
+    r.headers_mut().insert(
+        header::SET_COOKIE,
+        cookie_header(
+            &gw,
+            SESSION_COOKIE,
+            "",
+            "/",
+            cookie::SameSite::Lax,
+            Some(Duration::ZERO),
+        ),
+    );
     r.headers_mut()
-        .insert(header::SET_COOKIE, set_cookie(&gw, "", true)?);
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
     Ok(r)
 }
 
-async fn user_from_request(gw: &Gateway, headers: &HeaderMap) -> Result<UserInfo, ApiError> {
-    let token = cookie_token(headers)
-        .or_else(|| bearer_header(headers))
-        .ok_or(AuthError::Missing)?;
-    Ok(gw.authn.authenticate(&token).await?)
+fn html_escape(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
+        .replace('\'', "&#39;")
+}
+
+/// A small page in words (sign-in errors, the popup's "done").
+fn html_page(status: StatusCode, title: &str, body_html: &str, script: Option<&str>) -> Response {
+    let script = script
+        .map(|s| format!("<script src=\"{s}\"></script>"))
+        .unwrap_or_default();
+    let page = format!(
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\
+         <link rel=\"stylesheet\" href=\"/assets/main.css\">{script}</head><body><main class=\"card\">\
+         <h1>{}</h1>{body_html}</main></body></html>",
+        html_escape(title),
+        html_escape(title)
+    );
+    let mut r = (status, page).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    with_security_headers(r)
+}
+
+fn signin_error(status: StatusCode, words: &str) -> Response {
+    html_page(
+        status,
+        "Sign-in failed",
+        &format!(
+            "<p role=\"alert\" id=\"signin-error\">{}</p><p><a href=\"/\">Back to Tether</a></p>",
+            html_escape(words)
+        ),
+        None,
+    )
+}
+
+#[derive(Deserialize)]
+struct LoginQuery {
+    next: Option<String>,
+}
+
+/// `GET /auth/login?next=/path`: off to the provider.
+async fn signin_begin(
+    State(gw): State<Arc<Gateway>>,
+    Query(q): Query<LoginQuery>,
+    req: Request,
+) -> Response {
+    let Some(signin) = &gw.signin else {
+        return signin_error(
+            StatusCode::NOT_FOUND,
+            "this gateway has no identity provider configured (--oidc-issuer and --external-url)",
+        );
+    };
+    // Each start costs a discovery lookup and a cookie: the per-address budget of handshakes.
+    if !gw.rate.check(peer_of(&req).ip()) {
+        return signin_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many sign-in attempts: slow down",
+        );
+    }
+    let next = safe_next(q.next.as_deref());
+    match signin.begin(&next).await {
+        Ok((url, pending)) => {
+            let name = state_cookie_name(&pending.state);
+            let sealed = seal(
+                &gw,
+                &name,
+                serde_json::to_string(&pending).unwrap_or_default(),
+            );
+            let mut r = Response::new(Body::empty());
+            *r.status_mut() = StatusCode::FOUND;
+            let h = r.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&url) {
+                h.insert(header::LOCATION, v);
+            }
+            h.insert(
+                header::SET_COOKIE,
+                cookie_header(
+                    &gw,
+                    &name,
+                    &sealed,
+                    "/auth/callback",
+                    cookie::SameSite::Lax,
+                    Some(SIGN_IN_TIMEOUT),
+                ),
+            );
+            h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+            r
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot start a sign-in");
+            signin_error(StatusCode::BAD_GATEWAY, &e.to_string())
+        }
+    }
+}
+
+/// `GET /auth/callback?code&state`: back from the provider.
+async fn signin_callback(
+    State(gw): State<Arc<Gateway>>,
+    Query(q): Query<CallbackQuery>,
+    req: Request,
+) -> Response {
+    let (Some(signin), Some(oidc)) = (&gw.signin, &gw.authn.oidc) else {
+        return signin_error(
+            StatusCode::NOT_FOUND,
+            "this gateway has no identity provider configured",
+        );
+    };
+    if !gw.rate.check(peer_of(&req).ip()) {
+        return signin_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many sign-in attempts: slow down",
+        );
+    }
+    let cookie_name = q.state.as_deref().map(state_cookie_name);
+    let pending: Option<PendingSignIn> = cookie_name.as_ref().and_then(|name| {
+        cookies_named(req.headers(), name)
+            .find_map(|v| unseal(&gw, name, v))
+            .and_then(|json| serde_json::from_str(&json).ok())
+    });
+    let clear = cookie_name.map(|name| {
+        cookie_header(
+            &gw,
+            &name,
+            "",
+            "/auth/callback",
+            cookie::SameSite::Lax,
+            Some(Duration::ZERO),
+        )
+    });
+    let result = signin.finish(oidc, &q, pending).await;
+    let mut r = match result {
+        Ok((session, next)) => match start_session(&gw, &session).await {
+            Ok(cookie) => {
+                tracing::info!(user = %session.user.user, groups = ?session.user.groups, via = "oidc", "signed in");
+                let mut r = Response::new(Body::empty());
+                *r.status_mut() = StatusCode::SEE_OTHER;
+                let next = safe_next(Some(&next));
+                if let Ok(v) = HeaderValue::from_str(&next) {
+                    r.headers_mut().insert(header::LOCATION, v);
+                }
+                r.headers_mut().append(header::SET_COOKIE, cookie);
+                r.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+                r
+            }
+            Err(e) => signin_error(e.status, e.body["error"].as_str().unwrap_or("")),
+        },
+        Err(e) => {
+            tracing::info!(error = %e, "sign-in refused");
+            let status = match e {
+                crate::signin::SignInError::Provider(_) => StatusCode::BAD_GATEWAY,
+                crate::signin::SignInError::Token(AuthError::Unavailable(_)) => {
+                    StatusCode::BAD_GATEWAY
+                }
+                crate::signin::SignInError::Token(_) => StatusCode::FORBIDDEN,
+                _ => StatusCode::BAD_REQUEST,
+            };
+            signin_error(status, &e.to_string())
+        }
+    };
+    if let Some(clear) = clear {
+        r.headers_mut().append(header::SET_COOKIE, clear);
+    }
+    r
+}
+
+/// `GET /auth/done`: where the "sign in again" popup lands; it closes itself.
+async fn signin_done() -> Response {
+    html_page(
+        StatusCode::OK,
+        "Signed in",
+        "<p>Signed in. You can close this window.</p><p><a href=\"/\">Back to Tether</a></p>",
+        Some("/assets/done.js"),
+    )
 }
 
 async fn whoami(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let user = user_from_request(&gw, &headers).await?;
-    Ok(Json(json!({"user": user.user, "groups": user.groups})).into_response())
+    let p = principal(&gw, &headers, bearer_header(&headers)).await?;
+    let expires_at = p.expires_at.map(|t| {
+        jiff::Timestamp::try_from(t)
+            .map(|t| t.to_string())
+            .unwrap_or_default()
+    });
+    let mut r = Json(json!({
+        "user": p.user.user,
+        "groups": p.user.groups,
+        "via": p.via.as_str(),
+        "expiresAt": expires_at,
+    }))
+    .into_response();
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(r)
 }
 
 #[derive(Deserialize)]
@@ -495,6 +918,46 @@ async fn reauthorize(
     }
 }
 
+/// How often a connection admitted with a browser session looks whether it still exists.
+const SESSION_CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Resolves, with the reason in words, when the credential a connection was admitted with
+/// ends: the browser session is signed out or expires without a refresh, or the bearer token
+/// reaches its `exp`. A store that cannot be reached keeps the connection (an outage must not
+/// cut every terminal); the token's own expiry still ends it.
+async fn credential_ends(gw: Arc<Gateway>, who: Principal, bearer: Option<String>) -> String {
+    let _ = bearer;
+    match &who.session {
+        Some(key) => {
+            let mut tick = tokio::time::interval(SESSION_CHECK_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match live_session(&gw, key).await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(end)) => {
+                        tracing::info!(user = %who.user.user, reason = %end.words(), "sign-in ended");
+                        return end.words();
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot look up the sign-in; keeping the connection")
+                    }
+                }
+            }
+        }
+        None => match who.expires_at {
+            None => std::future::pending().await,
+            Some(at) => {
+                let left = at
+                    .duration_since(std::time::SystemTime::now())
+                    .unwrap_or(Duration::ZERO);
+                tokio::time::sleep(left).await;
+                "your token expired: sign in again".into()
+            }
+        },
+    }
+}
+
 /// "just now", "40 s ago", "3 min ago", "2 h ago": how long ago, as a person says it.
 fn words_for(ago: Duration) -> String {
     match ago.as_secs() {
@@ -627,14 +1090,20 @@ async fn websocket(
     }
     let mode = parse_mode(q.mode.as_deref()).map_err(|e| refuse(&gw, "bad_request", e))?;
 
-    let token = bearer_protocol_token(&protocols).or_else(|| cookie_token(&headers));
-    let Some(token) = token else {
-        return Err(refuse(&gw, "no_token", AuthError::Missing.into()));
+    // A bearer subprotocol (CLI) wins over the cookie: it is what the client chose to send.
+    let bearer = bearer_protocol_token(&protocols);
+    let principal = match bearer.clone() {
+        Some(token) => gw
+            .authn
+            .authenticate(&token)
+            .await
+            .map(Principal::from_bearer)
+            .map_err(|e| refuse(&gw, e.label(), e.into()))?,
+        None => principal(&gw, &headers, None)
+            .await
+            .map_err(|e| refuse(&gw, "no_token", e))?,
     };
-    let user = match gw.authn.authenticate(&token).await {
-        Ok(u) => u,
-        Err(e) => return Err(refuse(&gw, e.label(), e.into())),
-    };
+    let user = principal.user.clone();
     let (session, endpoint) = admit(&gw, &user, &namespace, &name, mode)
         .await
         .map_err(|(reason, e)| refuse(&gw, reason, e))?;
@@ -730,12 +1199,19 @@ async fn websocket(
         let span = tracing::info_span!("connection", user = %user.user, session = %session_key, mode = mode.as_str());
         tracing::info!(parent: &span, "attached");
         let revoked = reauthorize(gw2.clone(), user.clone(), namespace, name, mode);
+        let signed_out = credential_ends(gw2.clone(), principal, bearer);
+        let ended = async move {
+            tokio::select! {
+                why = revoked => (tether_protocol::CloseCode::REVOKED, why),
+                why = signed_out => (tether_protocol::CloseCode::SIGNED_OUT, why),
+            }
+        };
         let outcome = proxy(
             client,
             agent,
             settings,
             gw2.shutdown.child_token(),
-            revoked,
+            ended,
             &gw2.metrics,
         )
         .instrument(span.clone())

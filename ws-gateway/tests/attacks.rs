@@ -8,31 +8,8 @@ use std::time::Duration;
 use base64::Engine as _;
 use common::*;
 use serde_json::json;
-use tether_protocol::client::{Event, TerminalClient};
 use tether_protocol::{ClientFrame, CloseCode, Mode, Size};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The honest client still gets its echo.
-async fn still_serving(t: &mut TerminalClient<Ws>, marker: &str) {
-    t.send_input(marker.as_bytes()).await.unwrap();
-    let got = tokio::time::timeout(STEP, async {
-        let mut acc = Vec::new();
-        loop {
-            match t.next_event().await.unwrap() {
-                Event::Output { data, .. } => {
-                    acc.extend_from_slice(&data);
-                    if String::from_utf8_lossy(&acc).contains(marker) {
-                        return;
-                    }
-                }
-                Event::Pong(_) => {}
-                other => panic!("honest client lost its session: {other:?}"),
-            }
-        }
-    })
-    .await;
-    assert!(got.is_ok(), "honest client got no echo of {marker}");
-}
 
 fn path(mode: &str) -> String {
     format!("/ws/{NS}/{SESSION}?mode={mode}")
@@ -357,14 +334,8 @@ async fn a_deleted_session_is_410_and_the_status_endpoint_gives_the_upgrades_ans
     let status = |token: &'static str, path: String| {
         let gw = &gw;
         async move {
-            let (code, _, body) = gw
-                .http(
-                    "GET",
-                    &path,
-                    &[("Cookie", &format!("tether_token={token}"))],
-                    "",
-                )
-                .await;
+            let cookie = gw.sign_in(token).await;
+            let (code, _, body) = gw.http("GET", &path, &[("Cookie", &cookie)], "").await;
             let body: serde_json::Value =
                 serde_json::from_str(&body).unwrap_or_else(|e| panic!("{e}: {body:?}"));
             (code, body)
@@ -434,7 +405,7 @@ async fn the_handshake_rate_is_limited_per_source_address() {
     );
     // The status endpoint, which costs an access review too, shares the budget.
     let status = format!("/api/sessions/{NS}/{SESSION}?mode=attach");
-    let cookie = format!("tether_token={ALICE}");
+    let cookie = gw.sign_in(ALICE).await;
     let mut limited = 0;
     for _ in 0..10 {
         if gw.http("GET", &status, &[("Cookie", &cookie)], "").await.0 == 429 {

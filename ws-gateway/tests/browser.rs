@@ -170,6 +170,8 @@ struct GatewayCmd {
     port: u16,
     dir: PathBuf,
     kubeconfig: PathBuf,
+    /// Where the browser sessions' Secrets go.
+    namespace: String,
 }
 
 impl GatewayCmd {
@@ -189,6 +191,12 @@ impl GatewayCmd {
                 ))
                 .arg(format!("--allowed-origin={origin}"))
                 .arg("--insecure-cookies")
+                // Sign-ins outlive a gateway restart: the same key, sessions in the API server.
+                .arg(format!(
+                    "--session-key-file={}",
+                    self.dir.join("session-key").display()
+                ))
+                .arg(format!("--session-namespace={}", self.namespace))
                 .arg("--handshake-rate=1000")
                 .arg("--drain-timeout=3s")
                 .env("KUBECONFIG", &self.kubeconfig)
@@ -291,6 +299,7 @@ async fn chromium_signs_in_types_a_command_observes_and_resumes_across_a_gateway
             .collect()
     };
     std::fs::write(d.join("dev-tokens"), format!("{token},{USER},{GROUP}\n")).unwrap();
+    std::fs::write(d.join("session-key"), rand::random::<[u8; 32]>()).unwrap();
 
     let agent_port = tether_e2e::free_port().unwrap();
     let agent = spawn(
@@ -352,6 +361,7 @@ async fn chromium_signs_in_types_a_command_observes_and_resumes_across_a_gateway
             port,
             dir: script_dir.clone(),
             kubeconfig,
+            namespace: n.clone(),
         };
         let mut gateway = Some(gwc.start(0));
         let (_, page) = http_status(port, "/");
@@ -370,6 +380,8 @@ async fn chromium_signs_in_types_a_command_observes_and_resumes_across_a_gateway
             .env("TETHER_RESUME_LINES", RESUME_LINES.to_string())
             .env("TETHER_RESUME_DELAY", "0.02")
             .env("TETHER_RESTART_VIA_STDIO", "1")
+            // Signed out under a live terminal: 4440, sign in again, the same client resumes.
+            .env("TETHER_SIGNIN_AGAIN_LINES", "60")
             .env("TETHER_SCREENSHOT_DIR", script_dir.join("screenshots"))
             .env("CHROMIUM", &chromium)
             .stdin(Stdio::piped())

@@ -52,11 +52,15 @@ async fn login_sets_a_strict_http_only_cookie_that_whoami_and_sessions_accept() 
         .await;
     assert_eq!(status, 204);
     let set = cookie_from(&head);
-    assert!(set.starts_with(&format!("tether_token={ALICE}")), "{set}");
-    for attr in ["HttpOnly", "SameSite=Strict", "Secure", "Path=/"] {
+    assert!(set.starts_with("tether_session="), "{set}");
+    assert!(
+        !set.contains(ALICE),
+        "the cookie must not hold the token: {set}"
+    );
+    for attr in ["HttpOnly", "SameSite=Lax", "Secure", "Path=/", "Max-Age="] {
         assert!(set.contains(attr), "{attr} missing in {set}");
     }
-    let cookie = format!("tether_token={ALICE}");
+    let cookie = set.split(';').next().unwrap().to_owned();
 
     let (status, _, body) = gw
         .http("GET", "/api/whoami", &[("Cookie", &cookie)], "")
@@ -97,7 +101,7 @@ async fn login_sets_a_strict_http_only_cookie_that_whoami_and_sessions_accept() 
         .http(
             "GET",
             "/api/sessions",
-            &[("Cookie", &format!("tether_token={BOB}"))],
+            &[("Cookie", &gw.sign_in(BOB).await)],
             "",
         )
         .await;
@@ -117,11 +121,22 @@ async fn login_sets_a_strict_http_only_cookie_that_whoami_and_sessions_accept() 
     let (_ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
     assert_eq!(resp.headers()["sec-websocket-protocol"], "tether.v1");
 
-    let (status, head, _) = gw
-        .http("POST", "/api/logout", &[("Origin", ORIGIN)], "")
+    let (status, head, body) = gw
+        .http(
+            "POST",
+            "/api/logout",
+            &[("Origin", ORIGIN), ("Cookie", &cookie)],
+            "",
+        )
         .await;
-    assert_eq!(status, 204);
+    assert_eq!(status, 200, "{body}");
     assert!(cookie_from(&head).contains("Max-Age=0"), "{head}");
+    // Signed out on the server: the same cookie, copied before, is useless now.
+    let (status, _, body) = gw
+        .http("GET", "/api/whoami", &[("Cookie", &cookie)], "")
+        .await;
+    assert_eq!(status, 401, "{body}");
+    assert!(body.contains("you signed out"), "{body}");
 }
 
 #[tokio::test]

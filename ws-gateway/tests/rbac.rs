@@ -140,13 +140,18 @@ async fn rbac_bindings_decide_attach_and_observe_and_get_is_not_enough() {
         ),
     )
     .await;
-    let bot_token = kube::config::Kubeconfig::read_from(&bot_kubeconfig)
+    // The kubeconfig's token is for the API server itself: a full API credential, refused.
+    let api_token = kube::config::Kubeconfig::read_from(&bot_kubeconfig)
         .unwrap()
         .auth_infos
         .into_iter()
         .find_map(|a| a.auth_info?.token)
         .map(|t| secrecy_expose(&t))
         .expect("a token in the service-account kubeconfig");
+    // `kubectl create token ci-bot --audience tether`: accepted.
+    let bot_token = cp
+        .service_account_token(&n, "ci-bot", &["tether"], Duration::from_secs(600))
+        .await;
 
     // The gateway's index follows a real watch with its own identity.
     let index = Index::shared();
@@ -160,6 +165,7 @@ async fn rbac_bindings_decide_attach_and_observe_and_get_is_not_enough() {
         access: Some(Arc::new(KubeAccessReview(gateway.clone()))),
         token_review: Some(Arc::new(KubeTokenReview(gateway.clone()))),
         index: Some(index.clone()),
+        port: None,
     })
     .await;
 
@@ -252,6 +258,18 @@ async fn rbac_bindings_decide_attach_and_observe_and_get_is_not_enough() {
             .0,
         403
     );
+    let (status, body) = gw
+        .ws(&path("observe"), Some(ORIGIN), Some(&api_token))
+        .await
+        .unwrap_err();
+    assert_eq!(status, 401, "{body}");
+    assert!(
+        body["error"]
+            .as_str()
+            .unwrap()
+            .contains("--audience tether"),
+        "the refusal says how to get a token that works: {body}"
+    );
     let (status, _, body) = gw
         .http(
             "GET",
@@ -271,7 +289,7 @@ async fn rbac_bindings_decide_attach_and_observe_and_get_is_not_enough() {
         .http(
             "GET",
             &format!("/api/sessions?namespace={n}"),
-            &[("Cookie", &format!("tether_token={BOB}"))],
+            &[("Cookie", &gw.sign_in(BOB).await)],
             "",
         )
         .await;
@@ -282,7 +300,7 @@ async fn rbac_bindings_decide_attach_and_observe_and_get_is_not_enough() {
         .http(
             "GET",
             &format!("/api/sessions?namespace={n}"),
-            &[("Cookie", &format!("tether_token={CAROL}"))],
+            &[("Cookie", &gw.sign_in(CAROL).await)],
             "",
         )
         .await;

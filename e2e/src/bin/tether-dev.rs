@@ -261,6 +261,7 @@ fn up_real(api_port: u16, node_port: u16) -> anyhow::Result<()> {
             "(the gateway Service's NodePort on the node's bridge address: reachable from this \
              machine only)"
         );
+        print_sign_in(&cluster.idp, &cluster.stack.origin());
         print_access(&cluster.stack.users, &kubeconfig, &bins);
         println!(
             "Logs: kubectl logs -n tether-system deploy/tether-gateway; node logs in {}.",
@@ -284,8 +285,39 @@ fn up_real(api_port: u16, node_port: u16) -> anyhow::Result<()> {
     })
 }
 
+/// The identity provider's users, as the page's "Sign in" reaches them.
+fn print_sign_in(idp: &tether_e2e::idp::Keycloak, gateway: &str) {
+    println!();
+    println!(
+        "Sign in with the identity provider (Keycloak at {}):",
+        idp.issuer()
+    );
+    for user in idp.users() {
+        let can = match user.groups {
+            ["tether-developers"] if user.username == "alice" => {
+                "attaches to tether-demo's sessions"
+            }
+            ["tether-observers"] => "observes only",
+            _ => "no access to tether-demo: another team",
+        };
+        println!(
+            "  {:<6} password {:<16} {} groups {} → {can}",
+            user.username,
+            user.password,
+            user.email,
+            user.groups.join(",")
+        );
+    }
+    println!(
+        "  (the gateway maps them as kube-apiserver would with --oidc-username-claim=email \
+         --oidc-groups-prefix=oidc:)"
+    );
+    println!("  kubectl tether login --gateway {gateway}  # the same, from a terminal");
+}
+
 fn print_access(users: &[stack::DevUser], kubeconfig: &Path, bins: &binaries::Binaries) {
     println!();
+    println!("Development tokens (the page's \"Development token\" field, and tests):");
     for user in users {
         let role = if user.user == "alice" {
             "attach and observe"
@@ -398,6 +430,8 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> anyhow::Result<()> {
         .to_path_buf();
     step("building the node: kubelet, kube-proxy, containerd, kube-router (cached)");
     let node_bins = binaries::ensure_node()?;
+    step("installing the identity provider: Keycloak from Maven Central (cached)");
+    tether_e2e::idp::ensure()?;
     let web = root.join("ws-gateway/web");
     if !no_lint {
         // esbuild strips types without checking them.

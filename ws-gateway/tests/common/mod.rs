@@ -41,8 +41,9 @@ pub const BOB: &str = "bob-token-000002"; // observe only in team-a
 pub const CAROL: &str = "carol-token-0003"; // nothing anywhere
 
 pub fn data(name: &str) -> PathBuf {
+    // Through the workspace, so that kubectl-tether's tests, which share this module, find it.
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/data")
+        .join("../ws-gateway/tests/data")
         .join(name)
 }
 
@@ -78,6 +79,8 @@ pub struct Options {
     pub access: Option<Arc<dyn AccessReviewer>>,
     pub token_review: Option<Arc<dyn TokenReviewer>>,
     pub index: Option<SharedIndex>,
+    /// Listen on this loopback port (default: any free one).
+    pub port: Option<u16>,
 }
 
 pub struct TestGateway {
@@ -103,7 +106,9 @@ impl TestGateway {
 
     pub async fn start_with(opts: Options) -> Self {
         let (private, public) = generate_keypair();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", opts.port.unwrap_or(0)))
+            .await
+            .unwrap();
         let addr = listener.local_addr().unwrap();
         let dir = tempfile::Builder::new()
             .prefix("tether-gw")
@@ -125,12 +130,16 @@ impl TestGateway {
             format!("--allowed-origin=http://{addr}"),
             format!("--ticket-signing-key-file={}", key.display()),
             format!("--dev-token-file={}", tokens.display()),
-            format!("--oidc-issuer={ISSUER}"),
             format!("--oidc-audience={AUDIENCE}"),
             format!("--audit-log={}", dir.path().join("audit.jsonl").display()),
             "--handshake-timeout=2s".into(),
             "--drain-timeout=5s".into(),
         ];
+        // The test provider unless the flags name another (a real one, as kubectl-tether's
+        // login tests do).
+        if !opts.flags.iter().any(|f| f.starts_with("--oidc-issuer")) {
+            argv.push(format!("--oidc-issuer={ISSUER}"));
+        }
         if !opts.flags.iter().any(|f| f.starts_with("--oidc-jwks-url")) {
             argv.push(format!("--oidc-jwks-file={}", data("jwks.json").display()));
         }
@@ -179,6 +188,7 @@ impl TestGateway {
                 index,
                 access,
                 token_review: opts.token_review,
+                sessions: std::sync::Arc::new(tether_gateway::sessions::MemoryStore::default()),
             },
             audit,
         );
@@ -283,6 +293,28 @@ impl TestGateway {
             .unwrap()
             .unwrap();
         t
+    }
+
+    /// Signs in with a development token through `POST /api/login`; the `Cookie` header value
+    /// of the browser session it starts.
+    pub async fn sign_in(&self, token: &str) -> String {
+        let (status, head, body) = self
+            .http(
+                "POST",
+                "/api/login",
+                &[("Content-Type", "application/json"), ("Origin", ORIGIN)],
+                &format!(r#"{{"token":"{token}"}}"#),
+            )
+            .await;
+        assert_eq!(status, 204, "sign-in refused: {body}");
+        let set = head
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("set-cookie: ")
+                    .or_else(|| l.strip_prefix("Set-Cookie: "))
+            })
+            .expect("a session cookie");
+        set.split(';').next().unwrap().to_owned()
     }
 
     /// A plain HTTP request; returns status, headers and body.
@@ -394,4 +426,26 @@ pub fn good_claims(sub: &str, groups: &[&str]) -> serde_json::Value {
         "iss": ISSUER, "aud": AUDIENCE, "sub": sub, "groups": groups,
         "iat": now(), "exp": now() + 600,
     })
+}
+
+/// The honest client still gets its echo.
+pub async fn still_serving(t: &mut TerminalClient<Ws>, marker: &str) {
+    t.send_input(marker.as_bytes()).await.unwrap();
+    let got = tokio::time::timeout(STEP, async {
+        let mut acc = Vec::new();
+        loop {
+            match t.next_event().await.unwrap() {
+                tether_protocol::client::Event::Output { data, .. } => {
+                    acc.extend_from_slice(&data);
+                    if String::from_utf8_lossy(&acc).contains(marker) {
+                        return;
+                    }
+                }
+                tether_protocol::client::Event::Pong(_) => {}
+                other => panic!("honest client lost its session: {other:?}"),
+            }
+        }
+    })
+    .await;
+    assert!(got.is_ok(), "honest client got no echo of {marker}");
 }

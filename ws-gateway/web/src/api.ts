@@ -1,5 +1,24 @@
-// The gateway's small JSON API. The session cookie is HttpOnly and set by the server; the page
-// never sees or stores a token after handing it to POST /api/login.
+// The gateway's small JSON API. The session cookie is HttpOnly and set by the server (after the
+// OIDC round trip through /auth/login, or POST /api/login with a development token); the page
+// never sees or stores a token after handing it over.
+
+/** `GET /api/auth`: how one signs in to this gateway (needs no sign-in). */
+export interface AuthConfig {
+  oidc: { issuer: string; cliClientId: string } | null;
+  /** `/auth/login?next=…` works: the OIDC authorization code flow in the browser. */
+  browserSignIn: boolean;
+  /** `POST /api/login {"token"}` works (a development gateway); 404 otherwise. */
+  developmentTokens: boolean;
+}
+
+/** `GET /api/whoami`. */
+export interface WhoAmI {
+  user: string;
+  groups: string[];
+  via: 'oidc' | 'development' | 'kubernetes';
+  /** RFC 3339; when the sign-in ends (null: it does not, or the gateway cannot tell). */
+  expiresAt: string | null;
+}
 
 export interface SessionInfo {
   namespace: string;
@@ -40,8 +59,19 @@ async function getJson<T>(path: string): Promise<T> {
 }
 
 /** Who the gateway thinks we are; a 401 HttpError when signed out. */
-export async function whoami(): Promise<Record<string, unknown>> {
-  return getJson<Record<string, unknown>>('/api/whoami');
+export async function whoami(): Promise<WhoAmI> {
+  const w = await getJson<Partial<WhoAmI>>('/api/whoami');
+  return {
+    user: typeof w.user === 'string' ? w.user : '',
+    groups: Array.isArray(w.groups) ? w.groups : [],
+    via: w.via ?? 'kubernetes',
+    expiresAt: typeof w.expiresAt === 'string' && w.expiresAt ? w.expiresAt : null,
+  };
+}
+
+export async function authConfig(): Promise<AuthConfig> {
+  const a = await getJson<Partial<AuthConfig>>('/api/auth');
+  return { oidc: a.oidc ?? null, browserSignIn: a.browserSignIn === true, developmentTokens: a.developmentTokens === true };
 }
 
 export async function login(token: string): Promise<void> {
@@ -54,8 +84,15 @@ export async function login(token: string): Promise<void> {
   if (!r.ok) throw new HttpError(r.status, await errorText(r));
 }
 
-export async function logout(): Promise<void> {
-  await fetch('/api/logout', { method: 'POST', credentials: 'same-origin' }).catch(() => undefined);
+/**
+ * Ends the gateway's session. `endSessionUrl`, when not null, is the identity provider's sign-out
+ * (it comes back to the gateway's `/`): the caller navigates the whole page there.
+ */
+export async function logout(): Promise<{ endSessionUrl: string | null }> {
+  const r = await fetch('/api/logout', { method: 'POST', credentials: 'same-origin', headers: { accept: 'application/json' } });
+  if (!r.ok) throw new HttpError(r.status, await errorText(r));
+  const j = (await r.json().catch(() => ({}))) as { endSessionUrl?: unknown };
+  return { endSessionUrl: typeof j.endSessionUrl === 'string' && j.endSessionUrl ? j.endSessionUrl : null };
 }
 
 export async function sessions(): Promise<SessionInfo[]> {
@@ -70,14 +107,4 @@ export async function sessions(): Promise<SessionInfo[]> {
  */
 export async function sessionStatus(namespace: string, name: string, mode: string): Promise<SessionInfo> {
   return getJson<SessionInfo>(`/api/sessions/${encodeURIComponent(namespace)}/${encodeURIComponent(name)}?mode=${encodeURIComponent(mode)}`);
-}
-
-/** A display name for whatever /api/whoami returns. */
-export function userName(w: Record<string, unknown>): string {
-  for (const k of ['user', 'username', 'name', 'sub']) {
-    const v = w[k];
-    if (typeof v === 'string' && v) return v;
-    if (v && typeof v === 'object' && typeof (v as { name?: unknown }).name === 'string') return (v as { name: string }).name;
-  }
-  return '';
 }

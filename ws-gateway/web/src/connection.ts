@@ -1,9 +1,11 @@
 // One terminal's connection to the gateway: opens or resumes the agent's client, feeds output to
 // the screen in offset order, acknowledges what the screen has rendered, keeps the connection
-// alive, and reconnects with backoff, resuming from the last offset it holds.
+// alive, and reconnects with backoff, resuming from the last offset it holds. When the user's
+// sign-in ends (close 4440) it waits, screen and offsets intact, until `resume()` is called.
 
 import {
   CLOSE_REASONS,
+  CLOSE_SIGNED_OUT,
   DecodeError,
   SUBPROTOCOL,
   type Mode,
@@ -22,7 +24,11 @@ import {
   snapshotToAnsi,
 } from './protocol';
 
-export type ConnState = 'connecting' | 'live' | 'reconnecting' | 'read-only' | 'ended';
+/**
+ * `signed-out`: the gateway closed with 4440 (or refused the upgrade with 401): nothing retries
+ * until `resume()`; the client id and offsets are kept, so the resume loses nothing.
+ */
+export type ConnState = 'connecting' | 'live' | 'reconnecting' | 'read-only' | 'signed-out' | 'ended';
 
 /** The screen the connection writes to (an xterm Terminal behind a thin adapter). */
 export interface Screen {
@@ -52,16 +58,19 @@ export interface ConnectionOptions {
   ackDelayMs?: number;
   /**
    * Called when a connection failed before the upgrade (the browser only sees code 1006 then):
-   * resolves to a reason to stop with (signed out, not allowed, session gone), `{ retry }` with
-   * words to show while retrying (the session is still starting), or null to retry.
+   * resolves to a reason to stop with (not allowed, session gone), `{ retry }` with words to
+   * show while retrying (the session is still starting), `{ signIn }` with words saying the
+   * user is signed out (handled as close 4440: wait for `resume()`), or null to retry.
    */
-  diagnose?: () => Promise<string | { retry: string } | null>;
+  diagnose?: () => Promise<Diagnosis>;
   /**
    * Tests only: keep the output stream as received, up to this many bytes (0 = off), so a test
    * can check byte-exact resume independently of what the terminal keeps in its buffer.
    */
   captureBytes?: number;
 }
+
+export type Diagnosis = string | { retry: string } | { signIn: string } | null;
 
 const te = new TextEncoder();
 
@@ -113,6 +122,19 @@ export class Connection {
   }
 
   start(): void {
+    this.connect();
+  }
+
+  /**
+   * After `signed-out` (the user signed in again): connects again exactly as after a network
+   * cut — RESUME with the same client id and the offset of the next byte expected, so no output
+   * is lost or repeated. Does nothing in any other state.
+   */
+  resume(): void {
+    if (this.stopped || this.state !== 'signed-out' || this.ws) return;
+    window.clearTimeout(this.retryTimer);
+    this.attempt = 0;
+    this.setState('reconnecting', 'signed in again; resuming');
     this.connect();
   }
 
@@ -220,7 +242,11 @@ export class Connection {
       this.clearTimers();
       if (!opened && ev.code === 1006) {
         void this.opts.diagnose().then(
-          (why) => (typeof why === 'string' ? this.end(why) : this.onClose(ev.code, why?.retry ?? ev.reason, ev.wasClean)),
+          (why) => {
+            if (typeof why === 'string') this.end(why);
+            else if (why && 'signIn' in why) this.onClose(CLOSE_SIGNED_OUT, why.signIn, ev.wasClean);
+            else this.onClose(ev.code, why?.retry ?? ev.reason, ev.wasClean);
+          },
           () => this.onClose(ev.code, ev.reason, ev.wasClean),
         );
         return;
@@ -401,6 +427,13 @@ export class Connection {
     const action = closeAction(code, false);
     if (action === 'end') {
       this.setState('ended', `${words} (${code})`);
+      return;
+    }
+    if (action === 'signin') {
+      // Keep the client id, the offsets and the screen; retry nothing until resume().
+      this.liveSince = 0;
+      this.attempt = 0;
+      this.setState('signed-out', words);
       return;
     }
     if (action === 'reopen') {

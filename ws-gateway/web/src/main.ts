@@ -1,6 +1,6 @@
 // The page: sign-in, the list of sessions the user may open, and the terminal.
 // Routes (hash based, so the gateway serves one index.html):
-//   #/                                  session list (or the sign-in form when signed out)
+//   #/                                  session list (or the sign-in view when signed out)
 //   #/s/<namespace>/<name>?mode=attach  interactive terminal
 //   #/s/<namespace>/<name>?mode=observe read-only terminal
 
@@ -16,7 +16,22 @@ import { Unicode11Addon } from '@xterm/addon-unicode11';
 import { WebLinksAddon } from '@xterm/addon-web-links';
 import { WebglAddon } from '@xterm/addon-webgl';
 
-import { HttpError, type SessionInfo, login, logout, sessionStatus, sessions, userName, whoami } from './api';
+import { type AuthConfig, HttpError, type SessionInfo, type WhoAmI, authConfig, login, logout, sessionStatus, sessions, whoami } from './api';
+import {
+  DONE_PATH,
+  HASH_KEY,
+  type KeyValueStore,
+  SIGNED_IN_MESSAGE,
+  SIGNIN_POPUP_FEATURES,
+  SIGNIN_POPUP_NAME,
+  loginUrl,
+  nextOf,
+  rememberHash,
+  signInAgainText,
+  signInChoices,
+  signedInText,
+  takeHash,
+} from './auth';
 import { type ConnState, Connection } from './connection';
 import type { Mode } from './protocol';
 
@@ -42,6 +57,10 @@ interface Hook {
   view: 'loading' | 'login' | 'sessions' | 'terminal';
   state: ConnState | 'idle';
   detail: string;
+  /** Who is signed in (`/api/whoami`'s `user`), '' when signed out. */
+  user: string;
+  /** The "sign in again" banner of a terminal is up (after close 4440). */
+  signInAgain: boolean;
   renderer: 'webgl' | 'dom' | null;
   transcript(): string;
   /** Output bytes as received (only when a test set `window.__tetherCapture = true` before load). */
@@ -53,6 +72,8 @@ const hook: Hook = {
   view: 'loading',
   state: 'idle',
   detail: '',
+  user: '',
+  signInAgain: false,
   renderer: null,
   transcript: () => '',
   stream: () => '',
@@ -69,6 +90,7 @@ const BADGE_TEXT: Record<ConnState, string> = {
   live: 'live',
   reconnecting: 'reconnecting',
   'read-only': 'read-only',
+  'signed-out': 'signed out',
   ended: 'ended',
 };
 
@@ -92,12 +114,75 @@ function notice(text: string | null): void {
   $('notice-text').textContent = text ?? '';
 }
 $('notice-close').addEventListener('click', () => notice(null));
-$('logout').addEventListener('click', () => {
-  void logout().then(() => {
-    location.hash = '#/';
-    void route();
-  });
-});
+
+/** sessionStorage, or a stand-in that forgets when the browser refuses storage. */
+function tabStore(): KeyValueStore {
+  try {
+    return window.sessionStorage;
+  } catch {
+    return { getItem: () => null, setItem: () => undefined, removeItem: () => undefined };
+  }
+}
+
+/** Header: `signed in as alice@tether.test until 14:05` and the Sign out button. */
+function showUser(me: WhoAmI | null): void {
+  const u = $('user');
+  hook.user = me?.user ?? '';
+  $('logout').hidden = !me;
+  if (!me) {
+    u.textContent = '';
+    u.removeAttribute('title');
+    delete u.dataset.expiresAt;
+    return;
+  }
+  u.textContent = signedInText(me);
+  const groups = me.groups.length ? `; groups ${me.groups.join(', ')}` : '';
+  const ends = me.expiresAt ? `; the sign-in ends ${new Date(me.expiresAt).toString()}` : '';
+  u.title = `${me.user} (via ${me.via}${groups})${ends}`;
+  if (me.expiresAt) u.dataset.expiresAt = me.expiresAt;
+  else delete u.dataset.expiresAt;
+}
+
+function isWebUrl(u: string): boolean {
+  try {
+    return /^https?:$/.test(new URL(u, location.href).protocol);
+  } catch {
+    return false;
+  }
+}
+
+/** A full-page sign-in that comes back here, with the route (fragment) kept in sessionStorage. */
+function signInFullPage(): void {
+  rememberHash(tabStore(), location.hash);
+  location.assign(loginUrl(nextOf(location)));
+}
+
+$('logout').addEventListener('click', () => void signOut());
+
+async function signOut(): Promise<void> {
+  const button = $('logout') as HTMLButtonElement;
+  button.disabled = true;
+  // Leave the terminal first, so its connection closes as "page closed" and not with 4440.
+  teardown?.();
+  teardown = null;
+  tabStore().removeItem(HASH_KEY);
+  let endSessionUrl: string | null = null;
+  try {
+    ({ endSessionUrl } = await logout());
+  } catch (e) {
+    // 401: already signed out. Anything else: say so; route() shows whoever is still signed in.
+    if (!(e instanceof HttpError && e.status === 401)) notice(`Sign-out failed: ${(e as Error).message}`);
+  } finally {
+    button.disabled = false;
+  }
+  if (endSessionUrl && isWebUrl(endSessionUrl)) {
+    // The identity provider's sign-out; it comes back to the gateway's `/`.
+    location.assign(endSessionUrl);
+    return;
+  }
+  history.replaceState(null, '', `${location.pathname}${location.search}#/`);
+  await route();
+}
 
 // ---------------------------------------------------------------------------------------------
 // Views.
@@ -110,40 +195,93 @@ function show(...nodes: Node[]): HTMLElement {
   return main;
 }
 
-function loginView(reason?: string): void {
-  hook.view = 'login';
+/**
+ * Signed out: the "Sign in" button (OIDC, `/auth/login?next=<path+query>`, the fragment kept in
+ * sessionStorage) when the gateway offers browser sign-in, the development-token form when it
+ * accepts development tokens, and words saying so when it offers neither.
+ */
+async function loginView(gen: number, reason?: string): Promise<void> {
   setBadge('idle', '');
   $('crumb').textContent = 'sign in';
-  $('user').textContent = '';
-  $('logout').hidden = true;
-  const token = h('textarea', { id: 'token', name: 'token', rows: '4', required: true, autocomplete: 'off', spellcheck: 'false', placeholder: 'Paste an OIDC ID token or a Kubernetes token' });
-  const err = h('p', { class: 'error', id: 'login-error', role: 'alert' });
-  if (reason) err.textContent = reason;
-  const submit = h('button', { type: 'submit', id: 'login-submit' }, 'Sign in');
-  const form = h('form', { class: 'card login', id: 'login' }, h('h1', {}, 'Sign in to Tether'), h('label', { for: 'token' }, 'Token'), token, submit, err);
-  form.addEventListener('submit', (e) => {
-    e.preventDefault();
-    submit.disabled = true;
-    err.textContent = '';
-    login(token.value.trim())
-      .then(() => {
-        token.value = '';
-        return route();
-      })
-      .catch((e: unknown) => {
-        err.textContent = e instanceof HttpError && e.status === 401 ? `Sign-in refused: ${e.message}` : `Sign-in failed: ${(e as Error).message}`;
-      })
-      .finally(() => (submit.disabled = false));
-  });
-  show(form);
-  token.focus();
+  showUser(null);
+  let auth: AuthConfig | null = null;
+  let authError = '';
+  try {
+    auth = await authConfig();
+  } catch (e) {
+    authError = (e as Error).message;
+  }
+  if (gen !== generation) return;
+  const choices = signInChoices(auth);
+  const card = h('section', { class: 'card login', id: 'signin-view' }, h('h1', {}, 'Sign in to Tether'));
+  if (reason) card.append(h('p', { class: 'error', id: 'signin-reason', role: 'alert' }, reason));
+  let focus: HTMLElement | null = null;
+
+  if (choices.browser) {
+    const button = h('button', { type: 'button', id: 'signin', class: 'primary' }, 'Sign in');
+    button.addEventListener('click', signInFullPage);
+    let provider = 'your identity provider';
+    try {
+      if (auth?.oidc?.issuer) provider = new URL(auth.oidc.issuer).host;
+    } catch {
+      /* not a URL: keep the words */
+    }
+    card.append(h('p', { class: 'muted' }, `Sign in with your account at ${provider}.`), button);
+    focus = button;
+  }
+
+  if (choices.token) {
+    const token = h('textarea', { id: 'token', name: 'token', rows: '4', required: true, autocomplete: 'off', spellcheck: 'false', placeholder: 'Paste a development token' });
+    const err = h('p', { class: 'error', id: 'login-error', role: 'alert' });
+    const submit = h('button', { type: 'submit', id: 'login-submit', class: choices.browser ? 'secondary' : undefined }, 'Sign in with token');
+    const form = h(
+      'form',
+      { class: 'login-token', id: 'login' },
+      h('label', { for: 'token' }, 'Development token'),
+      h('p', { class: 'muted' }, 'This gateway accepts development tokens: for development and tests, not for production.'),
+      token,
+      submit,
+      err,
+    );
+    form.addEventListener('submit', (e) => {
+      e.preventDefault();
+      submit.disabled = true;
+      err.textContent = '';
+      login(token.value.trim())
+        .then(() => {
+          token.value = '';
+          return route();
+        })
+        .catch((e: unknown) => {
+          err.textContent = e instanceof HttpError && e.status === 401 ? `Sign-in refused: ${e.message}` : `Sign-in failed: ${(e as Error).message}`;
+        })
+        .finally(() => (submit.disabled = false));
+    });
+    if (choices.browser) card.append(h('p', { class: 'or muted' }, 'or'));
+    card.append(form);
+    focus ??= token;
+  }
+
+  if (choices.none) {
+    card.append(
+      h(
+        'p',
+        { class: 'error', id: 'signin-unavailable' },
+        'This gateway has no sign-in method configured: neither browser sign-in (OIDC) nor development tokens are enabled. Ask whoever runs it.',
+      ),
+    );
+  }
+  if (authError) card.append(h('p', { class: 'muted', id: 'signin-methods-error' }, `Could not ask the gateway how to sign in (${authError}).`));
+  show(card);
+  hook.view = 'login';
+  focus?.focus();
 }
 
 function sessionHref(s: { namespace: string; name: string }, mode: Mode): string {
   return `#/s/${encodeURIComponent(s.namespace)}/${encodeURIComponent(s.name)}?mode=${mode}`;
 }
 
-async function sessionsView(): Promise<void> {
+async function sessionsView(gen: number): Promise<void> {
   hook.view = 'sessions';
   setBadge('idle', '');
   $('crumb').textContent = 'sessions';
@@ -158,15 +296,24 @@ async function sessionsView(): Promise<void> {
   );
   show(h('section', { class: 'card wide' }, h('div', { class: 'row' }, h('h1', {}, 'Terminal sessions'), refresh), status, table));
 
+  let timer: number | undefined;
+  teardown = () => window.clearInterval(timer);
   const load = async () => {
     let list: SessionInfo[];
     try {
       list = await sessions();
     } catch (e) {
-      if (e instanceof HttpError && e.status === 401) return loginView('Your sign-in expired.');
+      if (gen !== generation) return;
+      if (e instanceof HttpError && e.status === 401) {
+        teardown?.();
+        teardown = null;
+        generation++;
+        return loginView(generation, 'Your sign-in ended: sign in again.');
+      }
       status.textContent = `Could not list sessions: ${(e as Error).message}`;
       return;
     }
+    if (gen !== generation) return;
     list.sort((a, b) => a.namespace.localeCompare(b.namespace) || a.name.localeCompare(b.name));
     status.textContent = list.length ? '' : 'No sessions you may open. Create one with kubectl apply -f a TerminalSession manifest.';
     tbody.replaceChildren(
@@ -189,10 +336,10 @@ async function sessionsView(): Promise<void> {
   };
   refresh.addEventListener('click', () => void load());
   await load();
-  const timer = window.setInterval(() => {
+  if (gen !== generation) return;
+  timer = window.setInterval(() => {
     if (document.visibilityState === 'visible') void load();
   }, 5000);
-  teardown = () => window.clearInterval(timer);
 }
 
 function disable(a: HTMLAnchorElement, why: string): void {
@@ -213,7 +360,8 @@ function terminalView(namespace: string, name: string, mode: Mode, renderer: str
   const searchInput = h('input', { type: 'search', id: 'search-input', placeholder: 'Find (Enter, Shift+Enter)', 'aria-label': 'Find in terminal' });
   const searchBox = h('div', { class: 'search', id: 'search', hidden: true }, searchInput, h('button', { type: 'button', class: 'link', id: 'search-close' }, 'Close'));
   const ended = h('div', { class: 'ended', id: 'ended', hidden: true }, h('span', { id: 'ended-text' }), h('button', { type: 'button', id: 'reconnect' }, 'Reconnect'), h('a', { href: '#/', class: 'button secondary' }, 'Sessions'));
-  show(h('div', { class: 'term-wrap' }, searchBox, ended, host));
+  const again = signInAgainBanner();
+  show(h('div', { class: 'term-wrap' }, searchBox, again.banner, ended, host));
 
   const term = new Terminal({
     allowProposedApi: true, // unicode11 needs it
@@ -269,6 +417,12 @@ function terminalView(namespace: string, name: string, mode: Mode, renderer: str
         ended.hidden = state !== 'ended';
         $('ended-text').textContent = state === 'ended' ? `Session ended: ${detail}` : '';
         if (state === 'ended') term.options.cursorBlink = false;
+        // 4440: the terminal and its buffer stay; once signed in again the same client resumes.
+        if (state === 'signed-out') {
+          showUser(null); // the header no longer claims a sign-in; it comes back with the resume
+          again.open(detail);
+        }
+        else if (state === 'ended') again.close();
       },
     },
     diagnose: async () => {
@@ -278,8 +432,8 @@ function terminalView(namespace: string, name: string, mode: Mode, renderer: str
       } catch (e) {
         if (!(e instanceof HttpError)) return null; // the gateway is down or restarting
         switch (e.status) {
-          case 401:
-            return 'signed out: sign in again';
+          case 401: // the upgrade was refused for want of a sign-in: as close 4440
+            return { signIn: 'you are no longer signed in' };
           case 403:
             return `not allowed: ${e.message}`;
           case 404: // unknown
@@ -354,9 +508,16 @@ function terminalView(namespace: string, name: string, mode: Mode, renderer: str
     renderer: hook.renderer,
   });
 
+  again.onSignedIn = (me) => {
+    showUser(me);
+    conn.resume();
+    term.focus();
+  };
+
   conn.start();
   term.focus();
   teardown = () => {
+    again.close();
     conn.stop();
     ro.disconnect();
     window.clearTimeout(fitTimer);
@@ -367,6 +528,117 @@ function terminalView(namespace: string, name: string, mode: Mode, renderer: str
     hook.stats = () => null;
     notice(null);
   };
+}
+
+/**
+ * The "sign in again" banner of a terminal whose connection was closed with 4440. While it is up
+ * it polls /api/whoami every 2 s (and when the sign-in popup reports back or the window gets
+ * focus); on 200 it closes and calls `onSignedIn`, which resumes the connection.
+ *
+ * - `#signin-again` (browser sign-in): `/auth/login?next=/auth/done` in a popup; when the popup is
+ *   blocked, a full-page sign-in that comes back to this route (the terminal then opens afresh).
+ * - `#signin-again-token` + `#signin-again-token-submit` (development tokens): POST /api/login.
+ */
+function signInAgainBanner() {
+  const text = h('span', { id: 'signin-again-text' });
+  const button = h('button', { type: 'button', id: 'signin-again', hidden: true }, 'Sign in again');
+  const token = h('input', { type: 'password', id: 'signin-again-token', autocomplete: 'off', spellcheck: 'false', placeholder: 'Development token', 'aria-label': 'Development token' });
+  const tokenSubmit = h('button', { type: 'submit', id: 'signin-again-token-submit' }, 'Sign in with token');
+  const form = h('form', { class: 'inline', id: 'signin-again-form', hidden: true }, token, tokenSubmit);
+  const error = h('span', { class: 'error', id: 'signin-again-error' });
+  const none = h('span', { id: 'signin-again-unavailable', hidden: true }, 'This gateway has no sign-in method configured.');
+  const banner = h('div', { class: 'signin-again', id: 'signin-again-banner', role: 'alert', hidden: true }, text, button, form, none, error);
+
+  let auth: Promise<AuthConfig | null> | null = null;
+  let poll: number | undefined;
+  let checking = false;
+  let popup: Window | null = null;
+  let up = false;
+
+  const self = {
+    banner,
+    onSignedIn: (_me: WhoAmI) => {},
+    open(reason: string): void {
+      text.textContent = `${signInAgainText(reason)}. Sign in again to continue: the terminal resumes where it stopped.`;
+      error.textContent = '';
+      banner.hidden = false;
+      hook.signInAgain = true;
+      if (up) return;
+      up = true;
+      auth ??= authConfig().catch(() => null);
+      void auth.then((a) => {
+        const c = signInChoices(a);
+        // When /api/auth could not be read, offer the popup as well: the gateway answers for itself.
+        button.hidden = !(c.browser || a === null);
+        form.hidden = !c.token;
+        none.hidden = !c.none;
+        if (up && !button.hidden) button.focus();
+      });
+      poll = window.setInterval(() => void check(), 2000);
+      window.addEventListener('message', onMessage);
+      window.addEventListener('focus', onFocus);
+    },
+    close(): void {
+      banner.hidden = true;
+      hook.signInAgain = false;
+      if (!up) return;
+      up = false;
+      window.clearInterval(poll);
+      window.removeEventListener('message', onMessage);
+      window.removeEventListener('focus', onFocus);
+      try {
+        if (popup && !popup.closed) popup.close();
+      } catch {
+        /* the popup is on another origin and not ours to close any more */
+      }
+      popup = null;
+    },
+  };
+
+  const check = async () => {
+    if (!up || checking) return;
+    checking = true;
+    try {
+      const me = await whoami();
+      if (!up) return;
+      self.close();
+      self.onSignedIn(me);
+    } catch {
+      /* 401: not yet; anything else: the gateway is restarting, try again at the next tick */
+    } finally {
+      checking = false;
+    }
+  };
+  const onMessage = (e: MessageEvent) => {
+    if (e.origin === location.origin && (e.data as { type?: unknown } | null)?.type === SIGNED_IN_MESSAGE) void check();
+  };
+  const onFocus = () => void check();
+
+  button.addEventListener('click', () => {
+    const w = window.open(loginUrl(DONE_PATH), SIGNIN_POPUP_NAME, SIGNIN_POPUP_FEATURES);
+    if (!w) {
+      // Popup blocked: sign in in this tab; the page comes back to this route and opens afresh.
+      signInFullPage();
+      return;
+    }
+    popup = w;
+    w.focus();
+  });
+  form.addEventListener('submit', (e) => {
+    e.preventDefault();
+    tokenSubmit.disabled = true;
+    error.textContent = '';
+    login(token.value.trim())
+      .then(() => {
+        token.value = '';
+        return check();
+      })
+      .catch((e: unknown) => {
+        error.textContent = e instanceof HttpError && e.status === 401 ? `Sign-in refused: ${e.message}` : `Sign-in failed: ${(e as Error).message}`;
+      })
+      .finally(() => (tokenSubmit.disabled = false));
+  });
+  return self;
 }
 
 /** The terminal's buffer as text: scrollback and screen, wrapped lines joined, trailing blanks cut. */
@@ -387,21 +659,26 @@ function transcript(term: Terminal): string {
 // ---------------------------------------------------------------------------------------------
 // Routing.
 
+/** Bumps on every route(), so a view whose awaits finish after the user moved on renders nothing. */
+let generation = 0;
+
 async function route(): Promise<void> {
   teardown?.();
   teardown = null;
+  const gen = ++generation;
   hook.view = 'loading';
-  let me: Record<string, unknown>;
+  let me: WhoAmI;
   try {
     me = await whoami();
   } catch (e) {
-    if (e instanceof HttpError && e.status === 401) return loginView();
+    if (gen !== generation) return;
+    if (e instanceof HttpError && e.status === 401) return loginView(gen);
     show(h('section', { class: 'card' }, h('h1', {}, 'Cannot reach the gateway'), h('p', { class: 'error' }, (e as Error).message), h('button', { type: 'button', id: 'retry' }, 'Retry')));
     $('retry').addEventListener('click', () => void route());
     return;
   }
-  $('user').textContent = userName(me);
-  $('logout').hidden = false;
+  if (gen !== generation) return;
+  showUser(me);
   const m = /^#\/s\/([^/?]+)\/([^/?]+)(?:\?(.*))?$/.exec(location.hash);
   if (m) {
     const params = new URLSearchParams(m[3] ?? '');
@@ -409,8 +686,13 @@ async function route(): Promise<void> {
     terminalView(decodeURIComponent(m[1]), decodeURIComponent(m[2]), mode, params.get('renderer'));
     return;
   }
-  await sessionsView();
+  await sessionsView(gen);
 }
+
+// Back from a full-page sign-in: the identity provider returned to `next` (path and query), the
+// route the user was on waited in sessionStorage.
+const restored = takeHash(tabStore(), location.hash);
+if (restored) history.replaceState(null, '', `${location.pathname}${location.search}${restored}`);
 
 window.addEventListener('hashchange', () => void route());
 void route();

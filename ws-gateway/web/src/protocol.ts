@@ -279,14 +279,27 @@ export const CLOSE_REASONS: Record<number, string> = {
   4417: 'offset out of range',
   4423: 'read-only observer may not send input or resize',
   4429: 'too many clients',
+  // Gateway only: the sign-in the connection was admitted with expired or was signed out (the
+  // gateway's reason says which: "your sign-in expired" / "you signed out").
+  4440: 'your sign-in ended',
   4500: 'internal error',
 };
 
+/** Gateway close code: sign in again, then resume the same client (nothing is lost). */
+export const CLOSE_SIGNED_OUT = 4440;
+
 /**
- * What a client does after a close with this code: `reconnect` (resume where it left off),
- * `reopen` (the agent forgot this client: OPEN a new one), or `end` (show the reason, stop).
+ * What a close means for the client:
+ * - `reconnect`: resume where it left off, with backoff (a cut, a restart, a busy server);
+ * - `reopen`: the agent forgot this client: OPEN a new one;
+ * - `signin`: the user's sign-in ended (4440): keep the screen, stop retrying, and resume the
+ *   same client (same id, same offset) once the user is signed in again;
+ * - `end`: show the reason and stop.
  */
-export function closeAction(code: number, sawExit: boolean): 'reconnect' | 'reopen' | 'end' {
+export type CloseAction = 'reconnect' | 'reopen' | 'signin' | 'end';
+
+/** What a client does after a close with this code (see `CloseAction`); after an EXIT, `end`. */
+export function closeAction(code: number, sawExit: boolean): CloseAction {
   if (sawExit) return 'end';
   switch (code) {
     case 1001: // agent or gateway draining: reconnect elsewhere
@@ -304,6 +317,8 @@ export function closeAction(code: number, sawExit: boolean): 'reconnect' | 'reop
       return 'reconnect';
     case 4404:
       return 'reopen';
+    case CLOSE_SIGNED_OUT:
+      return 'signin';
     default:
       return 'end';
   }

@@ -3,6 +3,10 @@
 // marker and sees its output in the terminal buffer (through `window.__tether.transcript()`,
 // no OCR). Optionally:
 //
+//   TETHER_TOKEN / TETHER_OBSERVER_TOKEN of the form idp:USER:PASSWORD sign in through the
+//                           identity provider's own login form (Keycloak) instead of a token;
+//                           TETHER_EXPECT_USER_PREFIX checks the signed-in name in the header;
+//                           TETHER_OBSERVER_CANNOT_ATTACH=1 checks the observer is refused attach.
 //   TETHER_OBSERVER_TOKEN=T the observer signs in with this token instead, in a browser profile
 //                           of its own (another person: its cookie is not the first page's).
 //   TETHER_OBSERVE=1        a second page observes the same session: read-only badge, sees the
@@ -12,6 +16,13 @@
 //                           `TETHER-BROWSER restart-gateway` on stdout and waits for a line on
 //                           stdin when TETHER_RESTART_VIA_STDIO=1), then checks that every line
 //                           arrived exactly once, in order, after the page resumed.
+//   TETHER_SIGNIN_AGAIN_LINES=N  prints sig-1 … sig-N slowly and signs the browser out from
+//                           under the terminal (POST /api/logout, as another tab would): the
+//                           gateway closes with 4440, the page keeps its screen and shows the
+//                           "sign in again" banner; the test signs in again there (the
+//                           development-token field, else the popup, which must complete by
+//                           itself, e.g. `dev-server.mjs --fake-oidc`) and checks that the same
+//                           client resumed with every line exactly once.
 //   TETHER_DELETE_VIA_STDIO=1  at the end, prints `TETHER-BROWSER delete-session` and waits for
 //                           a line on stdin (the caller deletes the TerminalSession), then checks
 //                           that every page ends with a message saying the session was deleted.
@@ -37,6 +48,7 @@ const SESSION = env.TETHER_SESSION ?? '';
 const STEP = Number(env.TETHER_TIMEOUT_MS ?? 30_000);
 const RESUME_LINES = Number(env.TETHER_RESUME_LINES ?? 0);
 const OBSERVE = env.TETHER_OBSERVE === '1';
+const SIGNIN_AGAIN_LINES = Number(env.TETHER_SIGNIN_AGAIN_LINES ?? 0);
 if (!BASE || !TOKEN || !SESSION.includes('/')) {
   console.error('set TETHER_URL, TETHER_TOKEN and TETHER_SESSION=namespace/name');
   process.exit(2);
@@ -96,9 +108,9 @@ async function newPage(label, ctx = context) {
 const hook = (page, expr) => page.evaluate(expr);
 const transcript = (page) => hook(page, () => window.__tether.transcript());
 
-async function waitFor(page, what, fn, arg) {
+async function waitFor(page, what, fn, arg, timeout = STEP) {
   try {
-    await page.waitForFunction(fn, arg, { timeout: STEP, polling: 100 });
+    await page.waitForFunction(fn, arg, { timeout, polling: 100 });
   } catch (e) {
     const state = await page.evaluate(() => ({ view: window.__tether?.view, state: window.__tether?.state, detail: window.__tether?.detail, stats: window.__tether?.stats?.() })).catch(() => null);
     const text = await transcript(page).catch(() => '');
@@ -110,9 +122,27 @@ async function signIn(page, token = TOKEN) {
   await page.goto(`${BASE}/`);
   await waitFor(page, 'the sign-in form or the session list', () => ['login', 'sessions'].includes(window.__tether?.view));
   if ((await hook(page, () => window.__tether.view)) === 'login') {
-    await page.fill('#token', token);
-    await page.click('#login-submit');
-    await waitFor(page, 'the session list after sign-in', () => window.__tether.view === 'sessions');
+    const idp = /^idp:([^:]+):(.+)$/.exec(token);
+    if (idp) {
+      // `idp:USER:PASSWORD`: "Sign in", then the identity provider's own login form (Keycloak's
+      // ids), then back to the gateway with the session cookie.
+      await page.click('#signin');
+      await page.waitForSelector('#username', { timeout: STEP });
+      log(`${since()} at the provider's login form: ${new URL(page.url()).origin}`);
+      await page.fill('#username', idp[1]);
+      await page.fill('#password', idp[2]);
+      await Promise.all([page.waitForURL((u) => u.href.startsWith(BASE) && !u.pathname.startsWith('/auth/'), { waitUntil: 'load', timeout: STEP }), page.click('#kc-login')]);
+      const who = await page.locator('#user').textContent();
+      log(`${since()} signed in through the provider: ${who}`);
+      if (token === TOKEN && env.TETHER_EXPECT_USER_PREFIX && !who.includes(env.TETHER_EXPECT_USER_PREFIX)) throw new Error(`expected ${env.TETHER_EXPECT_USER_PREFIX} in the header, got ${who}`);
+    } else if (await page.locator('#token').count()) {
+      await page.fill('#token', token);
+      await page.click('#login-submit');
+    } else {
+      // Browser sign-in only: an identity provider that asks nothing (dev-server.mjs --fake-oidc).
+      await Promise.all([page.waitForURL((u) => !u.pathname.startsWith('/auth/'), { waitUntil: 'load' }), page.click('#signin')]);
+    }
+    await waitFor(page, 'the session list after sign-in', () => window.__tether?.view === 'sessions');
   }
   const row = page.locator(`tr[data-session="${NS}/${NAME}"]`);
   await row.waitFor();
@@ -142,6 +172,27 @@ async function typeLine(page, text) {
   await page.keyboard.press('Enter');
 }
 
+/** The numbers N of `<prefix>N` in the received stream after `start`, escape sequences cut. */
+async function streamNumbers(page, start, prefix) {
+  const stream = (await hook(page, () => window.__tether.stream()))
+    .slice(start)
+    // Each sequence becomes a line break: after `clear`, `line-1` follows the command's echo
+    // with only cursor movements in between.
+    .replace(/\x1b\][^\x07\x1b]*(\x07|\x1b\\)/g, '\n')
+    .replace(/\x1b\[[0-?]*[ -/]*[@-~]/g, '\n')
+    .replace(/\x1b[()][0-9A-Za-z]|\x1b[=>78cDEHMNOZ]/g, '\n');
+  return [...stream.matchAll(new RegExp(`(?<![\\w$-])${prefix}(\\d+)(?!\\d)`, 'g'))].map((m) => Number(m[1]));
+}
+
+/** The numbers N of the lines `<prefix>N` in the terminal's buffer. */
+async function screenNumbers(page, prefix) {
+  return (await transcript(page))
+    .split('\n')
+    .map((l) => l.trim())
+    .filter((l) => new RegExp(`^${prefix}\\d+$`).test(l))
+    .map((l) => Number(l.slice(prefix.length)));
+}
+
 /** Problems with `got` as the run first..=last, each number exactly once and in order. */
 function sequenceProblems(what, got, last, first = 1) {
   const problems = [];
@@ -167,6 +218,13 @@ try {
   if (OBSERVE) {
     observer = await newPage('observe', observerContext);
     const orow = await signIn(observer, OBSERVER_TOKEN || TOKEN);
+    if (env.TETHER_OBSERVER_CANNOT_ATTACH === '1') {
+      // Observe-only: the list offers no way to type, and the gateway refuses attach anyway.
+      if ((await orow.locator('a[data-action="open"]').getAttribute('aria-disabled')) !== 'true') throw new Error('the observer is offered to attach');
+      const status = await observer.evaluate(async (s) => (await fetch(`/api/sessions/${s}?mode=attach`)).status, SESSION);
+      if (status !== 403) throw new Error(`the observer's attach check answered ${status}, not 403`);
+      log(`${since()} the observer cannot attach (403)`);
+    }
     await openTerminal(observer, orow, 'observe');
   }
 
@@ -218,18 +276,10 @@ try {
     const problems = [];
     // 1. The byte stream the page received, escape sequences removed: line-1 … line-N, each
     //    exactly once and in order (a lost or repeated chunk across the reconnect shows here).
-    const stream = (await hook(page, () => window.__tether.stream()))
-      .slice(streamStart)
-      // Each sequence becomes a line break: after `clear`, `line-1` follows the command's echo
-      // with only cursor movements in between.
-      .replace(/\x1b\][^\x07\x1b]*(\x07|\x1b\\)/g, '\n')
-      .replace(/\x1b\[[0-?]*[ -/]*[@-~]/g, '\n')
-      .replace(/\x1b[()][0-9A-Za-z]|\x1b[=>78cDEHMNOZ]/g, '\n');
-    const streamed = [...stream.matchAll(/(?<![\w$-])line-(\d+)(?!\d)/g)].map((m) => Number(m[1]));
-    problems.push(...sequenceProblems('stream', streamed, N));
+    problems.push(...sequenceProblems('stream', await streamNumbers(page, streamStart, 'line-'), N));
     // 2. The terminal's buffer: the lines still on screen are a gap-free, duplicate-free run that
     //    ends with line-N (all of them when N fits on the screen).
-    const onScreen = (await transcript(page)).split('\n').map((l) => l.trim()).filter((l) => /^line-\d+$/.test(l)).map((l) => Number(l.slice(5)));
+    const onScreen = await screenNumbers(page, 'line-');
     const first = onScreen.length ? onScreen[0] : N + 1;
     problems.push(...sequenceProblems('screen', onScreen, N, first));
     const rows = after.rows;
@@ -241,6 +291,56 @@ try {
     log(`${since()} stream and screen: all ${N} lines arrived exactly once (${onScreen.length} on screen) across ${after.connects - before.connects} reconnect(s) (${after.resumes - before.resumes} resume(s))`);
     const state = await hook(page, () => window.__tether.state);
     if (state !== 'live') throw new Error(`state after resume is ${state}`);
+  }
+  // --- the sign-in ends under the terminal (4440): sign in again, the same client resumes -------
+  if (SIGNIN_AGAIN_LINES > 0) {
+    const N = SIGNIN_AGAIN_LINES;
+    const done = `signin-again-done-${marker}`;
+    const before = await hook(page, () => window.__tether.stats());
+    const streamStart = (await hook(page, () => window.__tether.stream())).length;
+    await typeLine(page, `clear; for i in $(seq 1 ${N}); do echo sig-$i; sleep ${env.TETHER_RESUME_DELAY ?? '0.01'}; done; echo ${done}`);
+    const early = Math.max(1, Math.min(20, Math.floor(N / 10)));
+    await waitFor(page, `sig-${early}`, (m) => window.__tether.transcript().split('\n').some((l) => l.trim() === m), `sig-${early}`);
+    const status = await page.evaluate(() => fetch('/api/logout', { method: 'POST', credentials: 'same-origin' }).then((r) => r.status));
+    if (status !== 200) throw new Error(`POST /api/logout answered ${status}`);
+    log(`${since()} signed out under the terminal (sig-${early} seen)`);
+    // The gateway may notice at its next re-check of the credential: allow two steps.
+    await waitFor(page, 'the sign-in-again banner', () => window.__tether.state === 'signed-out' && window.__tether.signInAgain, undefined, 2 * STEP);
+    const words = await page.locator('#signin-again-text').textContent();
+    if (!(await page.locator('#signin-again-banner').isVisible())) throw new Error('the sign-in-again banner is not visible');
+    if ((await page.locator('#signin-again-banner').getAttribute('role')) !== 'alert') throw new Error('the banner is not role=alert');
+    if (!(await transcript(page)).split('\n').some((l) => l.trim() === `sig-${early}`)) throw new Error('the terminal lost its buffer on 4440');
+    const kept = await hook(page, () => window.__tether.stats());
+    if (kept.connects !== before.connects) throw new Error(`the page reconnected while signed out (${JSON.stringify(kept)})`);
+    log(`${since()} banner: ${JSON.stringify(words)}; screen kept, no reconnect`);
+    await page.locator('#signin-again:visible, #signin-again-form:visible').first().waitFor();
+    if (await page.locator('#signin-again-form').isVisible()) {
+      await page.fill('#signin-again-token', TOKEN);
+      await page.click('#signin-again-token-submit');
+      log(`${since()} signed in again with the development token`);
+    } else {
+      const [popup] = await Promise.all([context.waitForEvent('page'), page.click('#signin-again')]);
+      log(`${since()} sign-in popup opened: ${popup.url()}`);
+      // done.js closes it (it may be closed already).
+      if (!popup.isClosed()) await popup.waitForEvent('close', { timeout: STEP }).catch(() => log(`the popup stayed open at ${popup.url()}`));
+    }
+    await waitFor(page, 'the banner to go and the terminal to be live', () => window.__tether.state === 'live' && !window.__tether.signInAgain);
+    await waitFor(page, done, (m) => window.__tether.transcript().split('\n').some((l) => l.trim() === m), done);
+    const after = await hook(page, () => window.__tether.stats());
+    const problems = [...sequenceProblems('stream', await streamNumbers(page, streamStart, 'sig-'), N)];
+    const onScreen = await screenNumbers(page, 'sig-');
+    problems.push(...sequenceProblems('screen', onScreen, N, onScreen.length ? onScreen[0] : N + 1));
+    if (after.resumes <= before.resumes) problems.push(`the page did not resume (stats ${JSON.stringify(after)})`);
+    if (after.client !== before.client) problems.push(`another client: ${after.client}, was ${before.client}`);
+    if (after.snapshots > before.snapshots) problems.push('the page got a snapshot instead of a replay');
+    if (after.reopens > before.reopens) problems.push('the page opened a new client instead of resuming');
+    if (problems.length) throw new Error(`sign-in again lost or repeated output:\n  ${problems.slice(0, 20).join('\n  ')}`);
+    log(`${since()} signed in again: the same client resumed, all ${N} sig- lines exactly once`);
+    // An observer signed in with the same cookie was signed out too; it resumes by itself.
+    for (const [label, p] of pages) {
+      if (p === page) continue;
+      await waitFor(p, `${label}: back after the sign-in`, () => ['live', 'read-only'].includes(window.__tether.state) && !window.__tether.signInAgain);
+    }
   }
   // --- the session is deleted under the pages ---------------------------------------------
   if (env.TETHER_DELETE_VIA_STDIO === '1') {

@@ -76,3 +76,10 @@ test('close codes: resume, reopen or end', () => {
   assert.equal(p.closeAction(4411, false), 'end');
   assert.equal(p.closeAction(1006, true), 'end');
 });
+
+test('close 4440 (gateway: sign-in ended) means sign in again and resume, not retry or end', () => {
+  assert.equal(p.CLOSE_SIGNED_OUT, 4440);
+  assert.equal(p.closeAction(4440, false), 'signin');
+  assert.equal(p.closeAction(4440, true), 'end'); // the shell had exited: nothing to resume
+  assert.ok(p.CLOSE_REASONS[4440]);
+});
