@@ -153,6 +153,15 @@ async fn run(command: Command) -> anyhow::Result<i32> {
                             Err(e) if e.is::<NoOidc>() => return Err(e),
                             Err(e) => anyhow::bail!("{}\n({e:#})", not_signed_in(&gateway)),
                         };
+                    // A cached sign-in goes only to a gateway it was made for: any gateway
+                    // could name the company's provider and collect its users' tokens.
+                    match cache.gateway_provider(&gateway)? {
+                        Some(p) if p.issuer == provider.issuer => {}
+                        _ => anyhow::bail!(
+                            "{} (no sign-in was made for this gateway)",
+                            not_signed_in(&gateway)
+                        ),
+                    }
                     Credentials::SignIn(SignIn {
                         http,
                         cache,

@@ -207,7 +207,7 @@ impl Default for IdentityMapping {
         Self {
             username_claim: "sub".into(),
             username_prefix: None,
-            groups_claim: Some("groups".into()),
+            groups_claim: None,
             groups_prefix: String::new(),
             required_claims: Vec::new(),
         }
@@ -262,14 +262,15 @@ pub fn map_identity(
             }
         }
     }
-    let user = match mapping.username_prefix.as_deref() {
+    // As kube-apiserver: an empty prefix is the same as none given.
+    let user = match mapping.username_prefix.as_deref().filter(|p| !p.is_empty()) {
         Some("-") => name.to_owned(),
         Some(prefix) => format!("{prefix}{name}"),
         None if claim == "email" => name.to_owned(),
         None => format!("{issuer}#{name}"),
     };
     let raw_groups: Vec<String> = match mapping.groups_claim.as_ref().map(|c| (c, claims.get(c))) {
-        None | Some((_, None)) => Vec::new(),
+        None | Some((_, None)) | Some((_, Some(Value::Null))) => Vec::new(),
         Some((_, Some(Value::String(g)))) => vec![g.clone()],
         Some((c, Some(Value::Array(list)))) => list
             .iter()
@@ -903,6 +904,15 @@ mod tests {
         };
         let c = claims(serde_json::json!({"sub": "alice"}));
         assert_eq!(map_identity(ISS, &none, &c).unwrap().user, "alice");
+        let empty = IdentityMapping {
+            username_prefix: Some(String::new()),
+            ..Default::default()
+        };
+        assert_eq!(
+            map_identity(ISS, &empty, &c).unwrap().user,
+            format!("{ISS}#alice"),
+            "an empty prefix is no prefix given, as for kube-apiserver"
+        );
         let oidc = IdentityMapping {
             username_prefix: Some("oidc:".into()),
             ..Default::default()
@@ -913,6 +923,7 @@ mod tests {
     #[test]
     fn groups_are_a_string_or_a_list_and_get_the_prefix() {
         let m = IdentityMapping {
+            groups_claim: Some("groups".into()),
             groups_prefix: "oidc:".into(),
             ..Default::default()
         };
@@ -927,6 +938,8 @@ mod tests {
         assert!(map_identity(ISS, &m, &c).is_err());
         let c = claims(serde_json::json!({"sub": "a", "groups": {"x": 1}}));
         assert!(map_identity(ISS, &m, &c).is_err());
+        let c = claims(serde_json::json!({"sub": "a", "groups": null}));
+        assert!(map_identity(ISS, &m, &c).unwrap().groups.is_empty());
         let no_claim = IdentityMapping {
             groups_claim: None,
             ..Default::default()
@@ -939,6 +952,7 @@ mod tests {
     fn reserved_names_are_refused_with_words() {
         let bare = IdentityMapping {
             username_prefix: Some("-".into()),
+            groups_claim: Some("groups".into()),
             ..Default::default()
         };
         for c in [
@@ -955,6 +969,7 @@ mod tests {
         }
         // With a groups prefix, the same group is harmless, as it is to kube-apiserver.
         let prefixed = IdentityMapping {
+            groups_claim: Some("groups".into()),
             groups_prefix: "oidc:".into(),
             ..Default::default()
         };

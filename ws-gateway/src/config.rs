@@ -66,13 +66,13 @@ pub struct Args {
     /// Claim naming the user, as kube-apiserver's `--oidc-username-claim`.
     #[arg(long, env = "TETHER_OIDC_USERNAME_CLAIM", default_value = "sub")]
     pub oidc_username_claim: String,
-    /// Prepended to every username, as kube-apiserver's `--oidc-username-prefix`. Unset: the
-    /// issuer URL and `#`, unless the claim is `email`. `-`: no prefix.
+    /// Prepended to every username, as kube-apiserver's `--oidc-username-prefix`. Unset or
+    /// empty: the issuer URL and `#`, unless the claim is `email`. `-`: no prefix.
     #[arg(long, env = "TETHER_OIDC_USERNAME_PREFIX")]
     pub oidc_username_prefix: Option<String>,
     /// Claim holding the groups (a string or a list of strings), as kube-apiserver's
-    /// `--oidc-groups-claim`; empty: no groups.
-    #[arg(long, env = "TETHER_OIDC_GROUPS_CLAIM", default_value = "groups")]
+    /// `--oidc-groups-claim`; unset (its default too): no groups. Usually `groups`.
+    #[arg(long, env = "TETHER_OIDC_GROUPS_CLAIM", default_value = "")]
     pub oidc_groups_claim: String,
     /// Prepended to every group, as kube-apiserver's `--oidc-groups-prefix` (default none).
     #[arg(long, env = "TETHER_OIDC_GROUPS_PREFIX", default_value = "")]

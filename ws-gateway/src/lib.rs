@@ -81,8 +81,8 @@ pub struct Gateway {
     /// Browser sign-in with the OIDC provider, when configured.
     pub signin: Option<SignIn>,
     pub sessions: SharedStore,
-    /// Serializes refreshes of browser sessions on this replica.
-    pub refreshing: tokio::sync::Mutex<()>,
+    /// One lock per browser session being refreshed on this replica.
+    refreshing: std::sync::Mutex<std::collections::HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub index: SharedIndex,
     pub conns: ConnectionLimiter,
     pub rate: HandshakeRate,
@@ -117,13 +117,24 @@ impl Gateway {
             authz,
             signin,
             sessions: backends.sessions,
-            refreshing: tokio::sync::Mutex::new(()),
+            refreshing: Default::default(),
             index: backends.index,
             metrics,
             audit,
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
         })
+    }
+}
+
+impl Gateway {
+    /// The lock that serializes refreshes of one browser session here.
+    pub fn refresh_lock(&self, key: &sessions::SessionKey) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.refreshing.lock().unwrap_or_else(|p| p.into_inner());
+        // Locks nobody holds or waits for are dropped, so the map stays as small as the set
+        // of refreshes in flight.
+        locks.retain(|_, l| Arc::strong_count(l) > 1);
+        locks.entry(key.0.clone()).or_default().clone()
     }
 }
 

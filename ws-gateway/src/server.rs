@@ -75,7 +75,7 @@ impl ApiError {
 impl From<AuthError> for ApiError {
     fn from(e: AuthError) -> Self {
         let status = match e {
-            AuthError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            AuthError::Unavailable(_) | AuthError::Throttled => StatusCode::SERVICE_UNAVAILABLE,
             _ => StatusCode::UNAUTHORIZED,
         };
         ApiError::new(status, e.to_string())
@@ -338,15 +338,15 @@ pub async fn live_session(
     key: &SessionKey,
 ) -> Result<Result<BrowserSession, SessionEnd>, AuthError> {
     let unavailable = |e: crate::sessions::StoreError| AuthError::Unavailable(e.to_string());
-    let Some(Versioned { session, version }) = gw.sessions.get(key).await.map_err(unavailable)?
-    else {
+    let Some(Versioned { session, .. }) = gw.sessions.get(key).await.map_err(unavailable)? else {
         return Ok(Err(SessionEnd::SignedOut));
     };
     let now = now_secs();
     if now + REFRESH_AHEAD < session.expires_at {
         return Ok(Ok(session));
     }
-    let can_refresh = session.refresh_token.is_some() && now < session.absolute_end;
+    // A refresh cannot carry it past its absolute end: no point asking in the last minute.
+    let can_refresh = session.refresh_token.is_some() && now + REFRESH_AHEAD < session.absolute_end;
     let (Some(signin), Some(oidc), true) = (&gw.signin, &gw.authn.oidc, can_refresh) else {
         if session.is_expired() {
             let _ = gw.sessions.delete(key).await;
@@ -354,36 +354,50 @@ pub async fn live_session(
         }
         return Ok(Ok(session));
     };
-    // One refresh at a time on this replica; re-read in case another request just did it.
-    let _one = gw.refreshing.lock().await;
-    let Some(Versioned {
-        session,
-        version: v2,
-    }) = gw.sessions.get(key).await.map_err(unavailable)?
+    // One refresh per session at a time on this replica, and a fresh read from the store (not
+    // the watch cache, which may not have our own last write yet): a second refresh with a
+    // rotated refresh token would look like reuse to the provider.
+    let lock = gw.refresh_lock(key);
+    let _one = lock.lock().await;
+    let Some(Versioned { session, version }) =
+        gw.sessions.get_fresh(key).await.map_err(unavailable)?
     else {
         return Ok(Err(SessionEnd::SignedOut));
     };
-    if v2 != version && now + REFRESH_AHEAD < session.expires_at {
+    if now + REFRESH_AHEAD < session.expires_at {
         return Ok(Ok(session));
     }
     match signin.refresh(oidc, &session).await {
-        Ok(fresh) => match gw.sessions.update(key, &fresh, &v2).await {
+        Ok(fresh) => match gw.sessions.update(key, &fresh, &version).await {
             Ok(()) => Ok(Ok(fresh)),
             // Another replica refreshed it first: theirs stands.
-            Err(crate::sessions::StoreError::Conflict) => match gw.sessions.get(key).await {
+            Err(crate::sessions::StoreError::Conflict) => match gw.sessions.get_fresh(key).await {
                 Ok(Some(v)) => Ok(Ok(v.session)),
                 Ok(None) => Ok(Err(SessionEnd::SignedOut)),
                 Err(e) => Err(unavailable(e)),
             },
             Err(e) => Err(unavailable(e)),
         },
-        Err(crate::signin::SignInError::Provider(why)) if !session.is_expired() => {
-            tracing::warn!(error = %why, "cannot refresh a sign-in yet; it is still valid");
+        // The provider cannot be reached or failed: the session stands while it is valid.
+        Err(e) if e.is_transient() && !session.is_expired() => {
+            tracing::warn!(error = %e, "cannot refresh a sign-in yet; it is still valid");
             Ok(Ok(session))
         }
+        Err(e) if e.is_transient() => Err(AuthError::Unavailable(e.to_string())),
         Err(e) => {
+            // Refused: unless another replica refreshed it meanwhile, the sign-in is over.
+            match gw.sessions.delete_if(key, &version).await {
+                Err(crate::sessions::StoreError::Conflict) => {
+                    return match gw.sessions.get_fresh(key).await {
+                        Ok(Some(v)) => Ok(Ok(v.session)),
+                        Ok(None) => Ok(Err(SessionEnd::SignedOut)),
+                        Err(e) => Err(unavailable(e)),
+                    };
+                }
+                Err(e) => return Err(unavailable(e)),
+                Ok(()) => {}
+            }
             tracing::info!(user = %session.user.user, error = %e, "sign-in ended: refresh refused");
-            let _ = gw.sessions.delete(key).await;
             Ok(Err(SessionEnd::Expired(e.to_string())))
         }
     }
@@ -412,8 +426,34 @@ async fn principal(
     Ok(Principal::from_bearer(gw.authn.authenticate(&token).await?))
 }
 
-async fn user_from_request(gw: &Gateway, headers: &HeaderMap) -> Result<UserInfo, ApiError> {
-    Ok(principal(gw, headers, bearer_header(headers)).await?.user)
+async fn user_from_request(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    peer: Option<axum::Extension<Peer>>,
+) -> Result<UserInfo, ApiError> {
+    Ok(principal_of_request(gw, headers, peer).await?.user)
+}
+
+/// [`principal`] for the JSON API. A bearer token that no cache knows may cost a TokenReview:
+/// such calls share the per-address budget of handshakes, so one client's flood of made-up
+/// tokens slows that client, not everyone's sign-in.
+async fn principal_of_request(
+    gw: &Gateway,
+    headers: &HeaderMap,
+    peer: Option<axum::Extension<Peer>>,
+) -> Result<Principal, ApiError> {
+    let bearer = bearer_header(headers);
+    if bearer.is_some()
+        && session_id(gw, headers).is_none()
+        && let Some(axum::Extension(Peer(addr))) = peer
+        && !gw.rate.check(addr.ip())
+    {
+        return Err(ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too many requests: slow down",
+        ));
+    }
+    principal(gw, headers, bearer).await
 }
 
 /// Starts a browser session and answers with its cookie.
@@ -720,8 +760,12 @@ async fn signin_done() -> Response {
     )
 }
 
-async fn whoami(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Result<Response, ApiError> {
-    let p = principal(&gw, &headers, bearer_header(&headers)).await?;
+async fn whoami(
+    State(gw): State<Arc<Gateway>>,
+    peer: Option<axum::Extension<Peer>>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let p = principal_of_request(&gw, &headers, peer).await?;
     let expires_at = p.expires_at.map(|t| {
         jiff::Timestamp::try_from(t)
             .map(|t| t.to_string())
@@ -746,10 +790,11 @@ struct SessionsQuery {
 
 async fn sessions(
     State(gw): State<Arc<Gateway>>,
+    peer: Option<axum::Extension<Peer>>,
     headers: HeaderMap,
     Query(q): Query<SessionsQuery>,
 ) -> Result<Response, ApiError> {
-    let user = user_from_request(&gw, &headers).await?;
+    let user = user_from_request(&gw, &headers, peer).await?;
     let list = gw
         .index
         .read()
@@ -934,6 +979,12 @@ async fn credential_ends(gw: Arc<Gateway>, who: Principal, bearer: Option<String
             loop {
                 tick.tick().await;
                 match live_session(&gw, key).await {
+                    // A refresh may bring other groups: RBAC was asked about the old ones.
+                    Ok(Ok(s)) if s.user != who.user => {
+                        tracing::info!(user = %who.user.user, "identity changed at the provider");
+                        return "your groups changed at the identity provider: sign in again"
+                            .into();
+                    }
                     Ok(Ok(_)) => {}
                     Ok(Err(end)) => {
                         tracing::info!(user = %who.user.user, reason = %end.words(), "sign-in ended");
@@ -989,7 +1040,9 @@ async fn session_status(
             "too many requests: slow down",
         ));
     }
-    let user = user_from_request(&gw, req.headers()).await?;
+    let user = principal(&gw, req.headers(), bearer_header(req.headers()))
+        .await?
+        .user;
     let mode = parse_mode(q.mode.as_deref())?;
     let (session, _) = admit(&gw, &user, &namespace, &name, mode)
         .await

@@ -122,6 +122,26 @@ pub trait SessionStore: std::fmt::Debug + Send + Sync + 'static {
     ) -> BoxFuture<'a, Result<(), StoreError>>;
     /// Deleting a session that is not there is not an error.
     fn delete<'a>(&'a self, key: &'a SessionKey) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// The session as the store has it now, bypassing any cache (before a refresh).
+    fn get_fresh<'a>(
+        &'a self,
+        key: &'a SessionKey,
+    ) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>> {
+        self.get(key)
+    }
+    /// Deletes the session only if it is still at `version` (a refresh elsewhere wins).
+    fn delete_if<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        version: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+impl BrowserSession {
+    /// Whether nothing can make this session valid again: past its end with no refresh left.
+    pub fn is_over(&self, now: u64) -> bool {
+        now >= self.absolute_end || (now >= self.expires_at && self.refresh_token.is_none())
+    }
 }
 
 /// Sessions in this process only: for tests and a single gateway without Kubernetes.
@@ -178,6 +198,22 @@ impl SessionStore for MemoryStore {
             .remove(key);
         Box::pin(async { Ok(()) })
     }
+
+    fn delete_if<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        version: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        let mut m = self.sessions.lock().unwrap_or_else(|p| p.into_inner());
+        let r = match m.get(key) {
+            Some((v, _)) if v.to_string() != version => Err(StoreError::Conflict),
+            _ => {
+                m.remove(key);
+                Ok(())
+            }
+        };
+        Box::pin(async { r })
+    }
 }
 
 /// Sessions as Secrets in the gateway's namespace, read from a watch-fed cache.
@@ -231,10 +267,22 @@ impl SecretStore {
             tick.tick().await;
             let now = now_secs();
             for s in self.cache.state() {
-                let ended = parse(&s).is_none_or(|v| v.session.expires_at <= now);
-                if let (true, Some(name)) = (ended, s.metadata.name.as_deref()) {
-                    let _ = self.api.delete(name, &DeleteParams::default()).await;
+                let parsed = parse(&s);
+                if !parsed.as_ref().is_none_or(|v| v.session.is_over(now)) {
+                    continue;
                 }
+                let Some(name) = s.metadata.name.as_deref() else {
+                    continue;
+                };
+                // Only the version we judged: a refresh elsewhere meanwhile keeps it.
+                let dp = DeleteParams {
+                    preconditions: Some(kube::api::Preconditions {
+                        resource_version: s.metadata.resource_version.clone(),
+                        uid: None,
+                    }),
+                    ..Default::default()
+                };
+                let _ = self.api.delete(name, &dp).await;
             }
         }
     }
@@ -348,6 +396,43 @@ impl SessionStore for SecretStore {
             {
                 Ok(_) => Ok(()),
                 Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                Err(e) => Err(unavailable(e)),
+            }
+        })
+    }
+
+    fn get_fresh<'a>(
+        &'a self,
+        key: &'a SessionKey,
+    ) -> BoxFuture<'a, Result<Option<Versioned>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .api
+                .get_opt(&key.secret_name())
+                .await
+                .map_err(unavailable)?
+                .as_ref()
+                .and_then(parse))
+        })
+    }
+
+    fn delete_if<'a>(
+        &'a self,
+        key: &'a SessionKey,
+        version: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let dp = DeleteParams {
+                preconditions: Some(kube::api::Preconditions {
+                    resource_version: Some(version.to_owned()),
+                    uid: None,
+                }),
+                ..Default::default()
+            };
+            match self.api.delete(&key.secret_name(), &dp).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 409 => Err(StoreError::Conflict),
                 Err(e) => Err(unavailable(e)),
             }
         })

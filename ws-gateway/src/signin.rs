@@ -82,6 +82,31 @@ pub enum SignInError {
     Token(#[from] AuthError),
 }
 
+impl SignInError {
+    /// A failure that says nothing about the sign-in itself: the provider could not be reached
+    /// or answered with a server error, or its keys could not be fetched.
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            SignInError::Provider(_) | SignInError::Token(AuthError::Unavailable(_))
+        )
+    }
+}
+
+/// A token-endpoint failure: the provider's own `error` answer (a refusal), or transport,
+/// server-error and parse failures (transient).
+fn token_error<RE: std::error::Error + 'static, T: openidconnect::ErrorResponse + 'static>(
+    what: &str,
+    e: openidconnect::RequestTokenError<RE, T>,
+) -> SignInError {
+    match e {
+        openidconnect::RequestTokenError::ServerResponse(r) => {
+            SignInError::Refused(format!("the {what} was refused: {r}"))
+        }
+        other => SignInError::Provider(format!("the {what} failed: {other}")),
+    }
+}
+
 /// What the state cookie holds (encrypted).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PendingSignIn {
@@ -256,7 +281,17 @@ impl SignIn {
         query: &CallbackQuery,
         pending: Option<PendingSignIn>,
     ) -> Result<(BrowserSession, String), SignInError> {
+        // The provider's words are shown only for a sign-in started here (else anyone could
+        // put text on the gateway's page with a link).
         if let Some(error) = &query.error {
+            let ours = pending
+                .as_ref()
+                .is_some_and(|p| Some(&p.state) == query.state.as_ref());
+            if !ours {
+                return Err(SignInError::BadCallback(
+                    "this sign-in was not started here or took too long: sign in again".into(),
+                ));
+            }
             let words = query.error_description.as_deref().unwrap_or("");
             return Err(SignInError::Refused(
                 format!("{error} {words}").trim().to_owned(),
@@ -295,7 +330,7 @@ impl SignIn {
             .set_pkce_verifier(PkceCodeVerifier::new(pending.verifier.clone()))
             .request_async(&self.http)
             .await
-            .map_err(|e| SignInError::Refused(format!("the code exchange failed: {e}")))?;
+            .map_err(|e| token_error("code exchange", e))?;
         let id_token = response
             .id_token()
             .ok_or_else(|| SignInError::Refused("no ID token in the token response".into()))?
@@ -347,7 +382,7 @@ impl SignIn {
             .map_err(|e| SignInError::Provider(e.to_string()))?
             .request_async(&self.http)
             .await
-            .map_err(|e| SignInError::Refused(format!("the refresh failed: {e}")))?;
+            .map_err(|e| token_error("refresh", e))?;
         let id_token = response
             .id_token()
             .ok_or_else(|| SignInError::Refused("no ID token in the refresh response".into()))?

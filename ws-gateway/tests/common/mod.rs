@@ -140,6 +140,13 @@ impl TestGateway {
         if !opts.flags.iter().any(|f| f.starts_with("--oidc-issuer")) {
             argv.push(format!("--oidc-issuer={ISSUER}"));
         }
+        if !opts
+            .flags
+            .iter()
+            .any(|f| f.starts_with("--oidc-groups-claim"))
+        {
+            argv.push("--oidc-groups-claim=groups".into());
+        }
         if !opts.flags.iter().any(|f| f.starts_with("--oidc-jwks-url")) {
             argv.push(format!("--oidc-jwks-file={}", data("jwks.json").display()));
         }
