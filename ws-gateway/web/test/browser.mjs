@@ -272,6 +272,9 @@ try {
     await waitFor(page, 'a reconnect', (n) => window.__tether.stats().connects > n, before.connects);
     log(`${since()} page reconnecting: ${await hook(page, () => window.__tether.detail)}`);
     await waitFor(page, `${done}`, (m) => window.__tether.transcript().split('\n').some((l) => l.trim() === m), done);
+    // The lines may all have arrived before the gateway went away (a slow restart): the resume
+    // then completes after `done` is on screen. Wait for it; a page that never resumes fails here.
+    await waitFor(page, 'the resume to complete', (b) => window.__tether.stats().resumes > b.resumes || window.__tether.stats().reopens > b.reopens, { resumes: before.resumes, reopens: before.reopens });
     const after = await hook(page, () => window.__tether.stats());
     const problems = [];
     // 1. The byte stream the page received, escape sequences removed: line-1 … line-N, each
