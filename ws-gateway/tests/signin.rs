@@ -65,8 +65,9 @@ async fn keycloak() -> &'static Keycloak {
 async fn gateway(n: usize, flags: &[&str]) -> TestGateway {
     let kc = keycloak().await;
     let port = ports()[n];
-    let dir = tempfile::tempdir().unwrap().keep();
-    let secret = dir.join("client-secret");
+    // Read once at start: the file goes with `dir` when this function returns.
+    let dir = tempfile::tempdir().unwrap();
+    let secret = dir.path().join("client-secret");
     std::fs::write(&secret, GATEWAY_CLIENT_SECRET).unwrap();
     let mut all = vec![
         format!("--oidc-issuer={}", kc.issuer()),
@@ -90,7 +91,7 @@ async fn gateway(n: usize, flags: &[&str]) -> TestGateway {
         }
     }
     all.extend(flags.iter().map(|f| f.to_string()));
-    TestGateway::start_with(Options {
+    let gw = TestGateway::start_with(Options {
         flags: all,
         port: Some(port),
         access: Some(Arc::new(
@@ -102,7 +103,9 @@ async fn gateway(n: usize, flags: &[&str]) -> TestGateway {
         )),
         ..Default::default()
     })
-    .await
+    .await;
+    drop(dir);
+    gw
 }
 
 fn header<'a>(head: &'a str, name: &str) -> Vec<&'a str> {
