@@ -527,13 +527,19 @@ impl Oidc {
     }
 }
 
-fn unverified_issuer(token: &str) -> Option<String> {
+/// A JWT's payload, decoded but not verified: only to route a token, or to read the `exp` of
+/// one the API server has accepted.
+fn unverified_payload<T: serde::de::DeserializeOwned>(token: &str) -> Option<T> {
     use base64::Engine as _;
     let payload = token.split('.').nth(1)?;
     let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
         .decode(payload.trim_end_matches('='))
         .ok()?;
-    serde_json::from_slice::<UnverifiedIssuer>(&bytes).ok()?.iss
+    serde_json::from_slice(&bytes).ok()
+}
+
+fn unverified_issuer(token: &str) -> Option<String> {
+    unverified_payload::<UnverifiedIssuer>(token)?.iss
 }
 
 /// Development tokens: lines `token,user,group1|group2`.
@@ -676,16 +682,11 @@ impl Default for Authenticator {
 
 /// The `exp` of a JWT, read without verification: only for a token the API server accepted.
 fn unverified_expiry(token: &str) -> Option<SystemTime> {
-    use base64::Engine as _;
     #[derive(Deserialize)]
     struct Exp {
         exp: Option<u64>,
     }
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let exp = serde_json::from_slice::<Exp>(&bytes).ok()?.exp?;
+    let exp = unverified_payload::<Exp>(token)?.exp?;
     Some(SystemTime::UNIX_EPOCH + Duration::from_secs(exp))
 }
 

@@ -406,3 +406,72 @@ impl Args {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The configuration error for `flags`, with a valid ticket key.
+    fn refusal(dir: &std::path::Path, flags: &[&str]) -> String {
+        let key = dir.join("ticket.pem");
+        std::fs::write(&key, tether_protocol::ticket::generate_keypair().0).unwrap();
+        let mut argv = vec![
+            "tether-gateway".to_owned(),
+            format!("--ticket-signing-key-file={}", key.display()),
+        ];
+        argv.extend(flags.iter().map(|f| f.to_string()));
+        match Args::try_parse_from(argv).unwrap().into_config() {
+            Ok(_) => panic!("{flags:?} was accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn sign_in_settings_that_cannot_work_are_refused_in_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let short = dir.path().join("short-key");
+        std::fs::write(&short, b"too short").unwrap();
+        let cases: [(&[&str], &str); 7] = [
+            (
+                &["--oidc-issuer=https://idp"],
+                "needs at least one --oidc-audience",
+            ),
+            (&["--oidc-audience=a"], "needs --oidc-issuer"),
+            (
+                &[
+                    "--oidc-issuer=https://idp",
+                    "--oidc-audience=a",
+                    "--oidc-cli-client-id=b",
+                ],
+                "must also be an --oidc-audience",
+            ),
+            (
+                &[
+                    "--oidc-issuer=https://idp",
+                    "--oidc-audience=a",
+                    "--oidc-required-claim=hd",
+                ],
+                "expected claim=value",
+            ),
+            (&["--external-url=https://t.example"], "needs --oidc-issuer"),
+            (
+                &[
+                    "--oidc-issuer=https://idp",
+                    "--oidc-audience=a",
+                    "--external-url=t.example",
+                ],
+                "--external-url t.example",
+            ),
+            (&["--session-store=redis"], "expected kubernetes or memory"),
+        ];
+        for (flags, words) in cases {
+            let e = refusal(dir.path(), flags);
+            assert!(e.contains(words), "{flags:?}: {e}");
+        }
+        let e = refusal(
+            dir.path(),
+            &[&format!("--session-key-file={}", short.display())],
+        );
+        assert!(e.contains("needs at least 32 bytes, has 9"), "{e}");
+    }
+}

@@ -970,8 +970,7 @@ const SESSION_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// ends: the browser session is signed out or expires without a refresh, or the bearer token
 /// reaches its `exp`. A store that cannot be reached keeps the connection (an outage must not
 /// cut every terminal); the token's own expiry still ends it.
-async fn credential_ends(gw: Arc<Gateway>, who: Principal, bearer: Option<String>) -> String {
-    let _ = bearer;
+async fn credential_ends(gw: Arc<Gateway>, who: Principal) -> String {
     match &who.session {
         Some(key) => {
             let mut tick = tokio::time::interval(SESSION_CHECK_EVERY);
@@ -1145,7 +1144,7 @@ async fn websocket(
 
     // A bearer subprotocol (CLI) wins over the cookie: it is what the client chose to send.
     let bearer = bearer_protocol_token(&protocols);
-    let principal = match bearer.clone() {
+    let principal = match bearer {
         Some(token) => gw
             .authn
             .authenticate(&token)
@@ -1252,7 +1251,7 @@ async fn websocket(
         let span = tracing::info_span!("connection", user = %user.user, session = %session_key, mode = mode.as_str());
         tracing::info!(parent: &span, "attached");
         let revoked = reauthorize(gw2.clone(), user.clone(), namespace, name, mode);
-        let signed_out = credential_ends(gw2.clone(), principal, bearer);
+        let signed_out = credential_ends(gw2.clone(), principal);
         let ended = async move {
             tokio::select! {
                 why = revoked => (tether_protocol::CloseCode::REVOKED, why),

@@ -9,7 +9,6 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use futures::StreamExt as _;
 use serde_json::json;
 use tether_protocol::{ClientFrame, Size};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -107,27 +106,6 @@ async fn an_email_username_needs_a_verified_email_and_has_no_prefix() {
     assert!(body["error"].as_str().unwrap().contains("not verified"));
 }
 
-/// Reads until the connection closes.
-async fn close_of(ws: &mut Ws, within: Duration) -> (u16, String) {
-    tokio::time::timeout(within, async {
-        while let Some(m) = ws.next().await {
-            match m {
-                Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f))) => {
-                    return (u16::from(f.code), f.reason.to_string());
-                }
-                Ok(tokio_tungstenite::tungstenite::Message::Close(None)) => {
-                    return (1005, String::new());
-                }
-                Ok(_) => {}
-                Err(_) => return (1006, String::new()),
-            }
-        }
-        (1006, String::new())
-    })
-    .await
-    .expect("closed in time")
-}
-
 #[tokio::test]
 async fn a_token_that_expires_during_a_connection_ends_it_with_4440() {
     let gw = TestGateway::start(&[]).await;
@@ -147,7 +125,7 @@ async fn a_token_that_expires_during_a_connection_ends_it_with_4440() {
         .encode(),
     )
     .await;
-    let (code, reason) = close_of(&mut ws, Duration::from_secs(10)).await;
+    let (code, reason) = closed_within(&mut ws, Duration::from_secs(10)).await;
     assert_eq!(code, 4440, "{reason}");
     assert!(reason.contains("expired"), "{reason}");
     still_serving(&mut honest, "after-expiry").await;
@@ -191,7 +169,7 @@ async fn signing_out_ends_the_browsers_terminals_and_the_copied_cookie() {
         )
         .await;
     assert_eq!(status, 200, "{body}");
-    let (code, reason) = close_of(&mut ws, Duration::from_secs(5)).await;
+    let (code, reason) = closed_within(&mut ws, Duration::from_secs(5)).await;
     assert_eq!((code, reason.as_str()), (4440, "you signed out"));
     // The copied cookie opens nothing now, on this or any replica (the store is shared).
     let mut req = format!("ws://{}{}", gw.addr, path("attach"))

@@ -431,20 +431,7 @@ async fn a_provider_token_that_expires_mid_connection_closes_it_with_4440() {
     )
     .await;
     let started = std::time::Instant::now();
-    let (code, reason) = tokio::time::timeout(LIFETIME + Duration::from_secs(15), async {
-        use futures::StreamExt as _;
-        use tokio_tungstenite::tungstenite::Message;
-        while let Some(m) = ws.next().await {
-            if let Ok(Message::Close(f)) = m {
-                return f
-                    .map(|f| (u16::from(f.code), f.reason.to_string()))
-                    .unwrap_or_default();
-            }
-        }
-        (1006, String::new())
-    })
-    .await
-    .expect("closed once the token expired");
+    let (code, reason) = closed_within(&mut ws, LIFETIME + Duration::from_secs(15)).await;
     println!("closed after {:?}: {code} {reason}", started.elapsed());
     assert_eq!(code, 4440, "{reason}");
     assert!(reason.contains("expired"), "{reason}");

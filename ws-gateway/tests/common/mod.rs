@@ -392,7 +392,12 @@ impl Drop for TestGateway {
 
 /// Reads events until the connection closes; returns the close code and reason.
 pub async fn closed(ws: &mut Ws) -> (u16, String) {
-    tokio::time::timeout(STEP, async {
+    closed_within(ws, STEP).await
+}
+
+/// [`closed`], for closes that take longer than a step (a token's lifetime).
+pub async fn closed_within(ws: &mut Ws, within: Duration) -> (u16, String) {
+    tokio::time::timeout(within, async {
         while let Some(m) = ws.next().await {
             match m {
                 Ok(Message::Close(Some(f))) => return (u16::from(f.code), f.reason.to_string()),
