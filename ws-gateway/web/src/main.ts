@@ -67,6 +67,8 @@ interface Hook {
   stream(): string;
   offset(): string | null;
   stats(): Record<string, unknown> | null;
+  /** The last 40 connection states, with the time since load: what a failed test prints. */
+  history: string[];
 }
 const hook: Hook = {
   view: 'loading',
@@ -79,6 +81,7 @@ const hook: Hook = {
   stream: () => '',
   offset: () => null,
   stats: () => null,
+  history: [],
 };
 (window as unknown as { __tether: Hook }).__tether = hook;
 
@@ -97,6 +100,8 @@ const BADGE_TEXT: Record<ConnState, string> = {
 function setBadge(state: ConnState | 'idle', detail: string): void {
   hook.state = state;
   hook.detail = detail;
+  hook.history.push(`${(performance.now() / 1000).toFixed(1)}s ${state}${detail ? `: ${detail}` : ''}`);
+  if (hook.history.length > 40) hook.history.shift();
   const b = $('badge');
   if (state === 'idle') {
     b.hidden = true;

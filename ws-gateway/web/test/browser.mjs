@@ -112,9 +112,10 @@ async function waitFor(page, what, fn, arg, timeout = STEP) {
   try {
     await page.waitForFunction(fn, arg, { timeout, polling: 100 });
   } catch (e) {
-    const state = await page.evaluate(() => ({ view: window.__tether?.view, state: window.__tether?.state, detail: window.__tether?.detail, stats: window.__tether?.stats?.() })).catch(() => null);
+    const state = await page.evaluate(() => ({ view: window.__tether?.view, state: window.__tether?.state, detail: window.__tether?.detail, stats: window.__tether?.stats?.(), history: window.__tether?.history })).catch(() => null);
     const text = await transcript(page).catch(() => '');
-    throw new Error(`timed out waiting for ${what}: ${JSON.stringify(state)}\n--- transcript tail ---\n${text.split('\n').slice(-15).join('\n')}`);
+    // The page's state comes last: CI shows the tail of the output.
+    throw new Error(`timed out waiting for ${what}\n--- transcript tail ---\n${text.split('\n').slice(-15).join('\n')}\n--- page state while waiting for ${what} ---\n${JSON.stringify(state)}`);
   }
 }
 
@@ -269,6 +270,9 @@ try {
         await nextStdinLine();
       }
     }
+    // The observer's page was opened last; keep the attach page in front so that no background
+    // timer throttling can slow its reconnect.
+    await page.bringToFront();
     await waitFor(page, 'a reconnect', (n) => window.__tether.stats().connects > n, before.connects);
     log(`${since()} page reconnecting: ${await hook(page, () => window.__tether.detail)}`);
     await waitFor(page, `${done}`, (m) => window.__tether.transcript().split('\n').some((l) => l.trim() === m), done);
