@@ -17,7 +17,10 @@ pub const MAX_ROWS: u16 = 500;
 /// A terminal session: a sandboxed pod running a tmux session that browsers attach to.
 ///
 /// The spec is immutable once created, like a Job's template: a running shell cannot be
-/// reconfigured in place, so a change means a new session.
+/// reconfigured in place, so a change means a new session. Only `spec.sharing` changes.
+///
+/// Who owns a session is its annotation tether.dev/owner, checked at admission against the
+/// user who creates it (the chart's ValidatingAdmissionPolicy), so nobody can forge it.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
 #[kube(
     group = "tether.dev",
@@ -36,7 +39,8 @@ pub const MAX_ROWS: u16 = 500;
     printcolumn = r#"{"name":"Message","type":"string","jsonPath":".status.message","priority":1,"description":"What happened, in words"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
-#[x_kube(validation = Rule::new("self == oldSelf").message("spec is immutable: delete the session and create a new one"))]
+// Every field but `sharing` is immutable (written out: CEL cannot compare "all but one").
+#[x_kube(validation = Rule::new("has(self.className) == has(oldSelf.className) && (!has(self.className) || self.className == oldSelf.className) && has(self.image) == has(oldSelf.image) && (!has(self.image) || self.image == oldSelf.image) && has(self.command) == has(oldSelf.command) && (!has(self.command) || self.command == oldSelf.command) && has(self.env) == has(oldSelf.env) && (!has(self.env) || self.env == oldSelf.env) && has(self.workingDir) == has(oldSelf.workingDir) && (!has(self.workingDir) || self.workingDir == oldSelf.workingDir) && has(self.resources) == has(oldSelf.resources) && (!has(self.resources) || self.resources == oldSelf.resources) && has(self.idleTimeoutSeconds) == has(oldSelf.idleTimeoutSeconds) && (!has(self.idleTimeoutSeconds) || self.idleTimeoutSeconds == oldSelf.idleTimeoutSeconds) && has(self.maxLifetimeSeconds) == has(oldSelf.maxLifetimeSeconds) && (!has(self.maxLifetimeSeconds) || self.maxLifetimeSeconds == oldSelf.maxLifetimeSeconds) && has(self.ttlSecondsAfterFinished) == has(oldSelf.ttlSecondsAfterFinished) && (!has(self.ttlSecondsAfterFinished) || self.ttlSecondsAfterFinished == oldSelf.ttlSecondsAfterFinished) && has(self.recording) == has(oldSelf.recording) && (!has(self.recording) || self.recording == oldSelf.recording) && has(self.initialSize) == has(oldSelf.initialSize) && (!has(self.initialSize) || self.initialSize == oldSelf.initialSize)").message("spec is immutable except spec.sharing: delete the session and create a new one"))]
 #[x_kube(validation = Rule::new("!has(self.idleTimeoutSeconds) || !has(self.maxLifetimeSeconds) || self.idleTimeoutSeconds <= self.maxLifetimeSeconds").message("idleTimeoutSeconds must not exceed maxLifetimeSeconds").field_path(".idleTimeoutSeconds"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TerminalSessionSpec {
@@ -105,6 +109,95 @@ pub struct TerminalSessionSpec {
     /// Terminal size tmux starts with, before the first browser reports its own.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub initial_size: Option<TerminalSize>,
+
+    /// People and groups besides the owner who may use this session, each as driver (attach)
+    /// or observer (observe). The only field that may change after creation, and only by the
+    /// owner or someone who may `administer` terminalsessions in the namespace. Names are
+    /// compared with the user and groups the gateway maps from a sign-in, exactly as
+    /// kube-apiserver would name them (with the same prefixes), like a RoleBinding's subjects.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 64))]
+    pub sharing: Vec<Share>,
+}
+
+/// One grant of access to a session: exactly one of `user` or `group`, and a mode.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[x_kube(validation = Rule::new("has(self.user) != has(self.group)").message("a share names exactly one of user or group"))]
+pub struct Share {
+    /// A user name as Kubernetes sees it (for example alice@example.com, or
+    /// https://issuer#1234 for a non-email username claim).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub user: Option<String>,
+    /// A group name as Kubernetes sees it (for example oidc:developers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub group: Option<String>,
+    /// attach (type into the shell; implies observe) or observe (read only).
+    pub mode: ShareMode,
+}
+
+/// What a share allows.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum ShareMode {
+    /// Type into the shell; implies observe.
+    Attach,
+    /// Watch read-only.
+    #[default]
+    Observe,
+}
+
+/// The annotation naming the user who owns a session: the user who created it, as the API
+/// server authenticated them. The chart's ValidatingAdmissionPolicy refuses a value other than
+/// the creator's own name (unless the creator may `administer` sessions in the namespace), and
+/// any change to it later. A session without it, or owned by a service account (GitOps), is
+/// reached through RBAC's `attach` and `observe` verbs instead.
+pub const OWNER_ANNOTATION: &str = "tether.dev/owner";
+
+/// The RBAC verb that grants namespace-wide access to every session: attach or observe any of
+/// them, change anyone's sharing, delete anyone's session, create a session for someone else.
+pub const ADMINISTER_VERB: &str = "administer";
+
+/// Who may use a session, read from its metadata and spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ownership {
+    /// Owned by a person: the owner, the shares and `administer` decide.
+    Person(String),
+    /// Owned by a service account or by nobody recorded (GitOps, or created by an
+    /// administrator): RBAC's `attach`/`observe` verbs decide, as do `administer` and the shares.
+    Rbac,
+}
+
+impl Ownership {
+    /// The ownership a session's owner annotation describes.
+    pub fn of(session: &TerminalSession) -> Self {
+        use kube::ResourceExt;
+        match session.annotations().get(OWNER_ANNOTATION) {
+            Some(owner) if !owner.is_empty() && !owner.starts_with("system:serviceaccount:") => {
+                Self::Person(owner.clone())
+            }
+            _ => Self::Rbac,
+        }
+    }
+}
+
+/// The mode `sharing` gives this user with these groups: attach if any share gives it.
+pub fn shared_mode(sharing: &[Share], user: &str, groups: &[String]) -> Option<ShareMode> {
+    let mut best = None;
+    for s in sharing {
+        let matches =
+            s.user.as_deref() == Some(user) || s.group.as_ref().is_some_and(|g| groups.contains(g));
+        if !matches {
+            continue;
+        }
+        if s.mode == ShareMode::Attach {
+            return Some(ShareMode::Attach);
+        }
+        best = Some(ShareMode::Observe);
+    }
+    best
 }
 
 /// One environment variable of the shell.
@@ -262,6 +355,11 @@ pub struct TerminalSessionStatus {
     /// Name of the session pod, in the session's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_name: Option<String>,
+    /// UID of the session pod, recorded when the operator created it. The operator, the
+    /// gateway's attach tickets and the agent trust only the pod with this UID: a pod that merely
+    /// carries the name and an owner reference is somebody else's.
+    #[serde(default, rename = "podUID", skip_serializing_if = "Option::is_none")]
+    pub pod_uid: Option<String>,
     /// host:port of the session agent, which the gateway dials. Set only while Ready.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub endpoint: Option<String>,
@@ -286,6 +384,9 @@ pub mod conditions {
     /// The session pod exists, or existed. False with the API server's own reason (Forbidden,
     /// Invalid...) while the cluster refuses it.
     pub const POD_CREATED: &str = "PodCreated";
+    /// Pods other than the session's own claim to be its pod (labels, owner reference); the
+    /// message names them. They are never used.
+    pub const FOREIGN_PODS: &str = "ForeignPods";
     /// The session reached a final phase (Succeeded, Expired or Failed); its reason says why.
     pub const FINISHED: &str = "Finished";
 
@@ -296,8 +397,9 @@ pub mod conditions {
     /// Pending: the API server refused the session pod (quota, admission, unknown
     /// RuntimeClass...); the message quotes it and the operator retries with backoff.
     pub const REASON_POD_REJECTED: &str = "PodRejected";
-    /// Pending: a pod with the session pod's name exists and belongs to something else.
-    pub const REASON_POD_NAME_CONFLICT: &str = "PodNameConflict";
+    /// Warning event: a pod claims to be this session's (its owner reference names the
+    /// session) but the operator did not create it; it is never used.
+    pub const REASON_FOREIGN_POD: &str = "ForeignPod";
     /// PodCreated: the session pod exists.
     pub const REASON_POD_CREATED: &str = "PodCreated";
     /// Pending: waiting for the scheduler.

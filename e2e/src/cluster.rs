@@ -206,7 +206,7 @@ pub struct ChartStack {
     operator_args: Vec<String>,
     /// The identity provider's issuer URL.
     issuer: String,
-    /// Development users: `alice` (group tether-devs) and `bob` (group pair-watchers).
+    /// Development users: `alice` and `carol` (group tether-devs), `bob` (group pair-watchers).
     pub users: Vec<DevUser>,
 }
 

@@ -54,7 +54,7 @@ pub struct Stack {
     operator: Option<Child>,
     gateway: Option<Child>,
     node: Option<Child>,
-    /// Development users: `alice` (group tether-devs) and `bob` (group pair-watchers).
+    /// Development users: `alice` and `carol` (group tether-devs), `bob` (group pair-watchers).
     pub users: Vec<DevUser>,
 }
 
@@ -282,6 +282,12 @@ pub fn dev_users() -> Vec<DevUser> {
         DevUser {
             user: "bob".into(),
             group: "pair-watchers".into(),
+            token: random_token(),
+        },
+        // alice's neighbour: the same group, so RBAC alone would give her alice's sessions.
+        DevUser {
+            user: "carol".into(),
+            group: "tether-devs".into(),
             token: random_token(),
         },
     ]

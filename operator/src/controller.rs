@@ -1,8 +1,11 @@
 //! The reconciler: observe the session's pod, create it when it is missing, compute the
 //! status, write what changed, clean up what finished.
 //!
-//! Every write is a Server-Side Apply under [`FIELD_MANAGER`] or a delete with a UID
-//! precondition; the spec is never written. A second reconcile of an unchanged world makes no
+//! The pod is created (never applied over an existing one) under a fresh random name, and its
+//! name and UID are recorded in the status; from then on only the pod with that UID is the
+//! session's. A pod someone else made with the session's labels and owner reference is named in
+//! the `ForeignPods` condition and never used. Other writes are Server-Side Applies under
+//! [`FIELD_MANAGER`] or deletes with a UID precondition; the spec is never written. A second reconcile of an unchanged world makes no
 //! request but reads. Status applies carry the session's resourceVersion, so a reconcile that
 //! ran on a stale copy of the session (the watch lags behind our own writes) gets a conflict
 //! and retries on the fresh copy instead of overwriting a newer status.
@@ -24,7 +27,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    api::{DeleteParams, Patch, PatchParams, Preconditions},
+    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions},
     runtime::{
         Controller,
         controller::{self, Action},
@@ -43,14 +46,12 @@ use crate::{
     error::backoff,
     metrics::Metrics,
     network_policy::build_network_policy,
-    pod::{build_pod, is_owned_by, labels, pod_name},
-    status::{PodState, Rejection, desired_status},
+    pod::{build_pod, fresh_pod_name, is_owned_by, labels},
+    status::{PodState, Rejection, desired_status, report_foreign_pods},
 };
 
 /// How often a live session is looked at again with no event: a safety net, not the driver.
 const RESYNC: Duration = Duration::from_secs(300);
-/// Retry delay of a pod with a name conflict; a person must act, so there is no hurry.
-const CONFLICT_RETRY: Duration = Duration::from_secs(60);
 /// First retry of a refused pod; doubles up to [`MAX_BACKOFF`].
 const REJECTION_BACKOFF: Duration = Duration::from_secs(5);
 /// First retry after a transient error; doubles up to [`MAX_BACKOFF`].
@@ -71,6 +72,9 @@ pub struct Context {
     rejections: Mutex<HashMap<ObjectRef<TerminalSession>, (u32, Instant)>>,
     /// Consecutive failed reconciliations per session.
     failures: Mutex<HashMap<ObjectRef<TerminalSession>, u32>>,
+    /// Pods this replica created whose name and UID the status does not hold yet (the status
+    /// write failed, for example on a conflict): still ours on the retry.
+    created: Mutex<HashMap<ObjectRef<TerminalSession>, (String, String)>>,
     clock: fn() -> Timestamp,
 }
 
@@ -96,6 +100,7 @@ impl Context {
             metrics,
             rejections: Mutex::default(),
             failures: Mutex::default(),
+            created: Mutex::default(),
             clock: Timestamp::now,
         }
     }
@@ -107,6 +112,10 @@ impl Context {
             .expect("not poisoned")
             .retain(|k, _| live.contains(k));
         self.failures
+            .lock()
+            .expect("not poisoned")
+            .retain(|k, _| live.contains(k));
+        self.created
             .lock()
             .expect("not poisoned")
             .retain(|k, _| live.contains(k));
@@ -170,16 +179,12 @@ async fn reconcile_inner(
         return Ok(Action::await_change());
     }
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), namespace);
-    let name = pod_name(session)?;
     let old = session.status.clone().unwrap_or_default();
     let now = (ctx.clock)();
-
-    if old.phase.is_some_and(SessionPhase::is_finished) {
-        return finished(session, ctx, &pods, &name, &old, now).await;
-    }
-
     let key = ObjectRef::from_obj(session);
-    if old.reason.as_deref() == Some(c::REASON_POD_REJECTED) {
+    if !old.phase.is_some_and(SessionPhase::is_finished)
+        && old.reason.as_deref() == Some(c::REASON_POD_REJECTED)
+    {
         // Our own status write triggers a reconcile at once; the backoff decides, not the echo.
         let wait = ctx
             .rejections
@@ -193,17 +198,32 @@ async fn reconcile_inner(
             return Ok(Action::requeue(wait));
         }
     }
-    let existing = pods.get_opt(&name).await?;
+    let unrecorded = if old.pod_uid.is_some() {
+        ctx.created.lock().expect("not poisoned").remove(&key);
+        None
+    } else {
+        ctx.created.lock().expect("not poisoned").get(&key).cloned()
+    };
+    let (ours, foreign) = session_pods(session, &old, unrecorded.as_ref(), &pods).await?;
+
+    if old.phase.is_some_and(SessionPhase::is_finished) {
+        return finished(session, ctx, &pods, ours.as_ref(), &old, now).await;
+    }
+
     let created: Option<Pod>;
     let rejection: Option<Rejection>;
-    let observed = match &existing {
-        Some(pod) if is_owned_by(pod, session) => PodState::Present(pod),
-        Some(_) => PodState::NotOwned,
-        None if old.pod_name.is_some() => PodState::Gone,
+    let observed = match &ours {
+        Some(pod) => PodState::Present(pod),
+        None if old.pod_name.is_some() || unrecorded.is_some() => PodState::Gone,
         None => match create_pod(session, ctx, namespace, &pods).await? {
             Ok(pod) => {
                 ctx.rejections.lock().expect("not poisoned").remove(&key);
-                info!(pod = %name, "created session pod");
+                let name = pod.name_any();
+                ctx.created
+                    .lock()
+                    .expect("not poisoned")
+                    .insert(key.clone(), (name.clone(), pod.uid().unwrap_or_default()));
+                info!(pod = %name, uid = ?pod.uid(), "created session pod");
                 ctx.publish(
                     session,
                     EventType::Normal,
@@ -221,7 +241,21 @@ async fn reconcile_inner(
         },
     };
 
-    let new = desired_status(session, observed, now);
+    let mut new = desired_status(session, observed, now);
+    report_foreign_pods(&mut new, &old, &foreign, session.metadata.generation, now);
+    let reported = |st: &TerminalSessionStatus| {
+        st.conditions
+            .iter()
+            .find(|cd| cd.type_ == c::FOREIGN_PODS)
+            .map(|cd| cd.message.clone())
+    };
+    if let Some(message) = reported(&new)
+        && reported(&old).as_ref() != Some(&message)
+    {
+        warn!(pods = ?foreign, "pods not created by the operator claim this session");
+        ctx.publish(session, EventType::Warning, c::REASON_FOREIGN_POD, message)
+            .await;
+    }
     if new != old {
         patch_status(session, ctx, &new).await?;
     }
@@ -237,7 +271,6 @@ async fn reconcile_inner(
             warn!(object = %r.object, code = r.code, reason = %r.reason, message = %r.message, ?wait, "the cluster refused it");
             Ok(Action::requeue(wait))
         }
-        PodState::NotOwned => Ok(Action::requeue(CONFLICT_RETRY)),
         PodState::Present(pod) if new.phase.is_some_and(SessionPhase::is_finished) => {
             delete_pod(&pods, pod).await?;
             Ok(after_finish(session, &new, now))
@@ -247,6 +280,45 @@ async fn reconcile_inner(
         }
         _ => Ok(Action::requeue(RESYNC)),
     }
+}
+
+/// The session's own pod, and the names of pods that only claim to be it.
+///
+/// Ours is the pod whose name and UID the status recorded when the operator created it, or that
+/// this replica created a moment ago and could not record yet (`unrecorded`); a status written by
+/// an operator before UIDs were recorded names only the pod. Every other pod with the session's
+/// UID label is foreign.
+async fn session_pods(
+    session: &TerminalSession,
+    old: &TerminalSessionStatus,
+    unrecorded: Option<&(String, String)>,
+    pods: &Api<Pod>,
+) -> Result<(Option<Pod>, Vec<String>)> {
+    let uid = session
+        .uid()
+        .ok_or(Error::MissingObjectKey("metadata.uid"))?;
+    // From the API server's watch cache: as cheap as the GET it replaces.
+    let params = ListParams::default()
+        .labels(&format!("{}={uid}", labels::SESSION_UID))
+        .match_any();
+    let mut ours = None;
+    let mut foreign = Vec::new();
+    for pod in pods.list(&params).await? {
+        let (name, pod_uid) = (pod.name_any(), pod.uid().unwrap_or_default());
+        let recorded = match (old.pod_name.as_deref(), old.pod_uid.as_deref(), unrecorded) {
+            (Some(n), Some(u), _) => n == name && u == pod_uid,
+            (Some(n), None, _) => n == name,
+            (None, _, Some((n, u))) => *n == name && *u == pod_uid,
+            (None, _, None) => false,
+        };
+        if recorded && is_owned_by(&pod, session) && ours.is_none() {
+            ours = Some(pod);
+        } else {
+            foreign.push(pod.name_any());
+        }
+    }
+    foreign.sort();
+    Ok((ours, foreign))
 }
 
 /// Applies the namespace's network policy, then the pod. A refusal of either is a
@@ -272,12 +344,16 @@ async fn create_pod(
         let object = format!("network policy {}", policy.name_any());
         return Ok(Err(refused(&object, e)?));
     }
-    let pod = build_pod(session, &ctx.settings)?;
-    match pods
-        .patch(&pod.name_any(), &params, &Patch::Apply(&pod))
-        .await
-    {
+    // A create, never an apply: an apply would take over a pod someone else made first.
+    let pod = build_pod(session, &ctx.settings, &fresh_pod_name(session))?;
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..Default::default()
+    };
+    match pods.create(&params, &pod).await {
         Ok(pod) => Ok(Ok(pod)),
+        // Someone guessed 10 random characters: try another name on the retry.
+        Err(kube::Error::Api(s)) if s.code == 409 => Err(Error::Kube(kube::Error::Api(s))),
         Err(e) => Ok(Err(refused("session pod", e)?)),
     }
 }
@@ -357,15 +433,14 @@ async fn finished(
     session: &TerminalSession,
     ctx: &Context,
     pods: &Api<Pod>,
-    name: &str,
+    ours: Option<&Pod>,
     status: &TerminalSessionStatus,
     now: Timestamp,
 ) -> Result<Action> {
-    if let Some(pod) = pods.get_opt(name).await?
-        && is_owned_by(&pod, session)
+    if let Some(pod) = ours
         && pod.meta().deletion_timestamp.is_none()
     {
-        delete_pod(pods, &pod).await?;
+        delete_pod(pods, pod).await?;
     }
     let Some(ttl) = session.spec.ttl_seconds_after_finished else {
         return Ok(Action::await_change());

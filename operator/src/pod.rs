@@ -60,23 +60,26 @@ pub mod labels {
 /// Longest pod name we make: a DNS label, so the pod name is also a valid hostname.
 const MAX_POD_NAME: usize = 63;
 
-/// The pod name of a session: its name and the first eight hex digits of its UID.
+/// Characters of a pod name's random part: lowercase consonants and digits, like the API
+/// server's `generateName` (no vowels, so no words).
+const SUFFIX_ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+/// Length of the random part: 27^10 ≈ 2·10^14 names, so nobody can create the pod first.
+const SUFFIX_LEN: usize = 10;
+
+/// A new, unpredictable pod name for a session: its name and ten random characters.
 ///
-/// The UID part makes the name deterministic per object (a restarted operator finds the same
-/// pod, so there are never two) yet distinct for a namesake created right after a delete, whose
-/// predecessor's pod may still be terminating. Long names are cut so the whole stays a DNS
-/// label; the UID part keeps two long names with one prefix apart.
-pub fn pod_name(session: &TerminalSession) -> Result<String> {
-    let uid = session
-        .uid()
-        .ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    let suffix: String = uid
-        .chars()
-        .filter(|c| c.is_ascii_hexdigit())
-        .take(8)
+/// Nobody can create a pod under this name before the operator does, so a pod that was not
+/// created by the operator cannot be mistaken for the session's. The operator records the name
+/// and UID of the pod it created in `status.podName` / `status.podUID` and uses only that pod
+/// afterwards; a restarted operator finds it there. Long names are cut so the whole stays a DNS
+/// label (the pod name is also its hostname).
+pub fn fresh_pod_name(session: &TerminalSession) -> String {
+    use rand::Rng;
+    let mut rng = rand::rng();
+    let suffix: String = (0..SUFFIX_LEN)
+        .map(|_| SUFFIX_ALPHABET[rng.random_range(0..SUFFIX_ALPHABET.len())] as char)
         .collect();
-    let suffix = suffix.to_ascii_lowercase();
-    let room = MAX_POD_NAME - suffix.len() - 1;
+    let room = MAX_POD_NAME - SUFFIX_LEN - 1;
     // Session names are DNS subdomains: dots are allowed there but not in a hostname.
     let prefix: String = session
         .name_any()
@@ -85,7 +88,7 @@ pub fn pod_name(session: &TerminalSession) -> Result<String> {
         .take(room)
         .collect();
     let prefix = prefix.trim_end_matches('-');
-    Ok(format!("{prefix}-{suffix}"))
+    format!("{prefix}-{suffix}")
 }
 
 /// Labels of the pod of `session`.
@@ -119,7 +122,7 @@ pub fn is_owned_by(pod: &Pod, session: &TerminalSession) -> bool {
 }
 
 /// The pod that runs `session`.
-pub fn build_pod(session: &TerminalSession, settings: &Settings) -> Result<Pod> {
+pub fn build_pod(session: &TerminalSession, settings: &Settings, name: &str) -> Result<Pod> {
     let namespace = session
         .namespace()
         .ok_or(Error::MissingObjectKey("metadata.namespace"))?;
@@ -143,7 +146,7 @@ pub fn build_pod(session: &TerminalSession, settings: &Settings) -> Result<Pod> 
 
     Ok(Pod {
         metadata: ObjectMeta {
-            name: Some(pod_name(session)?),
+            name: Some(name.to_owned()),
             namespace: Some(namespace.clone()),
             labels: Some(pod_labels(session)?),
             owner_references: Some(vec![owner]),
@@ -213,6 +216,21 @@ pub fn build_pod(session: &TerminalSession, settings: &Settings) -> Result<Pod> 
     })
 }
 
+/// An environment variable from the downward API.
+fn field_env(name: &str, field_path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: field_path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 fn agent_env(
     session: &TerminalSession,
     settings: &Settings,
@@ -233,18 +251,11 @@ fn agent_env(
         // The agent listens on the pod's own address, not 0.0.0.0: that is all the gateway
         // dials, and it lets pods that share one network namespace (the local node runs every
         // pod as a process on its own loopback address) use the same port side by side.
-        EnvVar {
-            name: "TETHER_POD_IP".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "status.podIP".into(),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        },
+        field_env("TETHER_POD_IP", "status.podIP"),
         var("TETHER_LISTEN", format!("$(TETHER_POD_IP):{AGENT_PORT}")),
+        // The agent accepts only tickets the gateway made for this very pod.
+        field_env("TETHER_POD_NAME", "metadata.name"),
+        field_env("TETHER_POD_UID", "metadata.uid"),
         var(
             "TETHER_SESSION",
             format!("{namespace}/{}", session.name_any()),
@@ -270,18 +281,23 @@ fn agent_env(
     if recording {
         env.push(var("TETHER_RECORDING_DIR", RECORDING_DIR.into()));
     }
-    // HOME points at the writable home volume unless the user chose otherwise.
-    if !spec.env.iter().any(|e| e.name == "HOME") {
-        env.push(var("HOME", HOME_DIR.into()));
-    }
-    // The schema refuses TETHER_* names; skipping them here too keeps an object written before
-    // that rule from overriding the agent's configuration.
-    env.extend(
-        spec.env
-            .iter()
-            .filter(|e| !e.name.starts_with("TETHER_"))
-            .map(|e| var(&e.name, e.value.clone())),
-    );
+    // The agent's own HOME, the writable home volume; the shell inherits it unless spec.env
+    // sets its own.
+    env.push(var("HOME", HOME_DIR.into()));
+    // spec.env is the shell's: it reaches the agent only as data, which the agent hands to tmux
+    // for the shell (`new-session -e`). As the container's environment it would configure the
+    // agent itself: LD_PRELOAD would load into it. The schema refuses TETHER_* names; skipping
+    // them here too keeps an object written before that rule from reaching the agent.
+    let shell_env: Vec<serde_json::Value> = spec
+        .env
+        .iter()
+        .filter(|e| !e.name.starts_with("TETHER_"))
+        .map(|e| serde_json::json!({"name": e.name, "value": e.value}))
+        .collect();
+    env.push(var(
+        "TETHER_SHELL_ENV",
+        serde_json::Value::Array(shell_env).to_string(),
+    ));
     env
 }
 
@@ -383,7 +399,7 @@ mod tests {
 
     #[test]
     fn the_pod_satisfies_every_restricted_field() {
-        let pod = build_pod(&TerminalSession::test(), &Settings::default()).unwrap();
+        let pod = build_pod(&TerminalSession::test(), &Settings::default(), "dev-x").unwrap();
         let spec = pod.spec.as_ref().unwrap();
         let psc = spec.security_context.as_ref().unwrap();
         assert_eq!(psc.run_as_non_root, Some(true));
@@ -415,7 +431,7 @@ mod tests {
 
     #[test]
     fn home_and_tmp_are_writable_empty_dirs() {
-        let pod = build_pod(&TerminalSession::test(), &Settings::default()).unwrap();
+        let pod = build_pod(&TerminalSession::test(), &Settings::default(), "dev-x").unwrap();
         let mounts: BTreeMap<_, _> = container(&pod)
             .volume_mounts
             .iter()
@@ -431,7 +447,7 @@ mod tests {
 
     #[test]
     fn default_resources_set_requests_and_limits_including_ephemeral_storage() {
-        let pod = build_pod(&TerminalSession::test(), &Settings::default()).unwrap();
+        let pod = build_pod(&TerminalSession::test(), &Settings::default(), "dev-x").unwrap();
         let r = container(&pod).resources.as_ref().unwrap();
         let req = r.requests.as_ref().unwrap();
         let lim = r.limits.as_ref().unwrap();
@@ -455,7 +471,7 @@ mod tests {
                 ..Default::default()
             }),
         );
-        let pod = build_pod(&s, &Settings::default()).unwrap();
+        let pod = build_pod(&s, &Settings::default(), "dev-x").unwrap();
         let r = container(&pod).resources.as_ref().unwrap();
         let (req, lim) = (r.requests.as_ref().unwrap(), r.limits.as_ref().unwrap());
         assert_eq!((req["cpu"].0.as_str(), lim["cpu"].0.as_str()), ("2", "2"));
@@ -468,13 +484,13 @@ mod tests {
 
     #[test]
     fn max_lifetime_becomes_active_deadline_seconds() {
-        let pod = build_pod(&TerminalSession::test(), &Settings::default()).unwrap();
+        let pod = build_pod(&TerminalSession::test(), &Settings::default(), "dev-x").unwrap();
         assert_eq!(
             pod.spec.as_ref().unwrap().active_deadline_seconds,
             Some(86400)
         );
         let s = TerminalSession::test().with_max_lifetime(120);
-        let pod = build_pod(&s, &Settings::default()).unwrap();
+        let pod = build_pod(&s, &Settings::default(), "dev-x").unwrap();
         assert_eq!(
             pod.spec.as_ref().unwrap().active_deadline_seconds,
             Some(120)
@@ -484,13 +500,13 @@ mod tests {
     #[test]
     fn runtime_class_is_set_only_when_configured() {
         let s = TerminalSession::test();
-        let pod = build_pod(&s, &Settings::default()).unwrap();
+        let pod = build_pod(&s, &Settings::default(), "dev-x").unwrap();
         assert_eq!(pod.spec.as_ref().unwrap().runtime_class_name, None);
         let settings = Settings {
             runtime_class_name: Some("gvisor".into()),
             ..Settings::default()
         };
-        let pod = build_pod(&s, &settings).unwrap();
+        let pod = build_pod(&s, &settings, "dev-x").unwrap();
         assert_eq!(
             pod.spec.as_ref().unwrap().runtime_class_name.as_deref(),
             Some("gvisor")
@@ -500,7 +516,7 @@ mod tests {
     #[test]
     fn the_pod_is_controlled_by_its_session_and_labelled_to_select_it() {
         let s = TerminalSession::test();
-        let pod = build_pod(&s, &Settings::default()).unwrap();
+        let pod = build_pod(&s, &Settings::default(), "dev-x").unwrap();
         let owners = pod.metadata.owner_references.as_ref().unwrap();
         assert_eq!(owners.len(), 1);
         assert_eq!(owners[0].kind, "TerminalSession");
@@ -518,40 +534,35 @@ mod tests {
     #[test]
     fn a_pod_owned_by_another_uid_is_not_ours() {
         let s = TerminalSession::test();
-        let pod = build_pod(&s, &Settings::default()).unwrap();
+        let pod = build_pod(&s, &Settings::default(), "dev-x").unwrap();
         let namesake = TerminalSession::test().with_uid("99999999-0000-0000-0000-000000000000");
         assert!(!is_owned_by(&pod, &namesake));
     }
 
     #[test]
-    fn the_pod_name_is_the_session_name_and_uid_prefix() {
+    fn pod_names_are_the_session_name_and_a_random_part_nobody_can_guess() {
         let s = TerminalSession::test();
-        assert_eq!(pod_name(&s).unwrap(), "dev-0f1e2d3c");
-        assert_eq!(pod_name(&s).unwrap(), pod_name(&s.clone()).unwrap());
+        let (a, b) = (fresh_pod_name(&s), fresh_pod_name(&s));
+        assert!(
+            a.starts_with("dev-") && a.len() == "dev-".len() + SUFFIX_LEN,
+            "{a}"
+        );
+        assert_ne!(a, b, "two names for one session must differ");
     }
 
     #[test]
-    fn long_and_dotted_session_names_make_valid_distinct_pod_names() {
-        let long = "a".repeat(200);
-        let a = TerminalSession::test().with_name(&long);
-        let b = TerminalSession::test()
-            .with_name(&long)
-            .with_uid("abcdef01-0000-0000-0000-000000000000");
-        let (na, nb) = (pod_name(&a).unwrap(), pod_name(&b).unwrap());
-        assert!(na.len() <= 63 && nb.len() <= 63);
-        assert_ne!(na, nb);
+    fn long_and_dotted_session_names_make_valid_pod_names() {
+        let long = TerminalSession::test().with_name(&"a".repeat(200));
         let dotted = TerminalSession::test().with_name(&format!("{}.x", "b".repeat(53)));
-        let n = pod_name(&dotted).unwrap();
-        assert!(n.len() <= 63, "{n}");
-        assert!(!n.contains('.') && !n.contains("--"), "{n}");
-        assert!(
-            n.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-        );
-        // A name too long for a label value is selected by UID only.
-        let labels = pod_labels(&a).unwrap();
-        assert!(!labels.contains_key(labels::SESSION));
-        assert!(labels.contains_key(labels::SESSION_UID));
+        for n in [fresh_pod_name(&long), fresh_pod_name(&dotted)] {
+            assert!(n.len() <= 63, "{n}");
+            assert!(!n.contains('.') && !n.contains("--"), "{n}");
+            assert!(
+                n.chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'),
+                "{n}"
+            );
+        }
     }
 
     #[test]
@@ -562,7 +573,7 @@ mod tests {
             .with_working_dir("/home/tether/src")
             .with_idle_timeout(300)
             .with_size(120, 40);
-        let pod = build_pod(&s, &Settings::default()).unwrap();
+        let pod = build_pod(&s, &Settings::default(), "dev-x").unwrap();
         let c = container(&pod);
         assert_eq!(c.name, CONTAINER_NAME);
         assert_eq!(
@@ -622,7 +633,14 @@ mod tests {
             ("120", "40")
         );
         assert_eq!(env["TETHER_COMMAND"], r#"["/bin/zsh","-i"]"#);
-        assert_eq!(env["EDITOR"], "vim");
+        assert_eq!(
+            env["TETHER_SHELL_ENV"],
+            r#"[{"name":"EDITOR","value":"vim"}]"#
+        );
+        assert!(
+            !env.contains_key("EDITOR"),
+            "spec.env is the shell's, not the agent's"
+        );
         assert!(!env.contains_key("TETHER_RECORDING_DIR"));
     }
 
@@ -632,7 +650,7 @@ mod tests {
             ticket_public_key: "-----BEGIN PUBLIC KEY-----\nK\n-----END PUBLIC KEY-----\n".into(),
             ..Settings::default()
         };
-        let pod = build_pod(&TerminalSession::test(), &settings).unwrap();
+        let pod = build_pod(&TerminalSession::test(), &settings, "dev-x").unwrap();
         let env = env_of(&pod);
         assert_eq!(env["TETHER_COMMAND"], r#"["/bin/bash","-l"]"#);
         assert_eq!(env["TETHER_IDLE_TIMEOUT_SECONDS"], "3600");
@@ -652,6 +670,7 @@ mod tests {
         let pod = build_pod(
             &TerminalSession::test().with_recording(),
             &Settings::default(),
+            "dev-x",
         )
         .unwrap();
         assert_eq!(env_of(&pod)["TETHER_RECORDING_DIR"], RECORDING_DIR);
@@ -665,21 +684,43 @@ mod tests {
     }
 
     #[test]
-    fn user_env_cannot_override_agent_settings_but_can_set_home() {
+    fn spec_env_reaches_only_the_shell_never_the_agents_own_environment() {
         let s = TerminalSession::test()
             .with_env("TETHER_LISTEN", "0.0.0.0:1")
+            .with_env("LD_PRELOAD", "/tmp/evil.so")
+            .with_env("PATH", "/tmp/bin")
             .with_env("HOME", "/tmp/h");
-        let pod = build_pod(&s, &Settings::default()).unwrap();
+        let pod = build_pod(&s, &Settings::default(), "dev-x").unwrap();
         let names: Vec<_> = container(&pod)
             .env
             .iter()
             .flatten()
             .map(|e| e.name.clone())
             .collect();
+        for n in &names {
+            assert!(
+                n.starts_with("TETHER_") || n == "HOME",
+                "{n} in the agent's environment"
+            );
+        }
         assert_eq!(names.iter().filter(|n| *n == "TETHER_LISTEN").count(), 1);
-        assert_eq!(names.iter().filter(|n| *n == "HOME").count(), 1);
-        assert_eq!(env_of(&pod)["TETHER_LISTEN"], "$(TETHER_POD_IP):7681");
-        assert_eq!(env_of(&pod)["HOME"], "/tmp/h");
+        let env = env_of(&pod);
+        assert_eq!(env["TETHER_LISTEN"], "$(TETHER_POD_IP):7681");
+        assert_eq!(env["HOME"], HOME_DIR, "the agent's HOME is fixed");
+        let shell: Vec<serde_json::Value> = serde_json::from_str(&env["TETHER_SHELL_ENV"]).unwrap();
+        let shell: Vec<(&str, &str)> = shell
+            .iter()
+            .map(|v| (v["name"].as_str().unwrap(), v["value"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            shell,
+            [
+                ("LD_PRELOAD", "/tmp/evil.so"),
+                ("PATH", "/tmp/bin"),
+                ("HOME", "/tmp/h")
+            ],
+            "the shell gets them, TETHER_* excepted"
+        );
     }
 
     #[test]
@@ -687,7 +728,7 @@ mod tests {
         let mut s = TerminalSession::test();
         s.metadata.uid = None;
         assert!(matches!(
-            build_pod(&s, &Settings::default()),
+            build_pod(&s, &Settings::default(), "dev-x"),
             Err(Error::MissingObjectKey(_))
         ));
     }

@@ -24,8 +24,6 @@ pub enum PodState<'a> {
     Rejected(&'a Rejection),
     /// The session's pod.
     Present(&'a Pod),
-    /// A pod with the session pod's name that another owner controls.
-    NotOwned,
     /// The pod was observed before (`status.podName`) and is gone.
     Gone,
 }
@@ -94,6 +92,7 @@ struct Outcome {
     /// PodCreated condition: status, reason, message.
     created: (bool, String, String),
     pod_name: Option<String>,
+    pod_uid: Option<String>,
     endpoint: Option<String>,
     start_time: Option<Time>,
     ready_since: Option<Time>,
@@ -113,6 +112,7 @@ impl Outcome {
                 "The session pod exists.".into(),
             ),
             pod_name: None,
+            pod_uid: None,
             endpoint: None,
             start_time: None,
             ready_since: None,
@@ -160,16 +160,6 @@ pub fn desired_status(
             o.created = (false, r.reason.clone(), o.message.clone());
             o
         }
-        PodState::NotOwned => {
-            let name = crate::pod::pod_name(session).unwrap_or_default();
-            let message = format!(
-                "A pod named {name} exists in this namespace but does not belong to this \
-                 session. Delete that pod, or recreate the session."
-            );
-            let mut o = Outcome::new(SessionPhase::Pending, c::REASON_POD_NAME_CONFLICT, message);
-            o.created = (false, c::REASON_POD_NAME_CONFLICT.into(), o.message.clone());
-            o
-        }
         PodState::Gone => {
             let mut o = Outcome::new(
                 SessionPhase::Failed,
@@ -178,6 +168,7 @@ pub fn desired_status(
                  it. Create a new session.",
             );
             o.pod_name = old.pod_name.clone();
+            o.pod_uid = old.pod_uid.clone();
             o
         }
         PodState::Present(pod) => from_pod(session, pod),
@@ -216,6 +207,7 @@ pub fn desired_status(
         conditions,
         observed_generation: generation,
         pod_name: o.pod_name,
+        pod_uid: o.pod_uid,
         endpoint: o.endpoint,
         start_time: old.start_time.or(o.start_time),
         ready_time: old.ready_time.or(if ready {
@@ -343,6 +335,7 @@ fn from_pod(session: &TerminalSession, pod: &Pod) -> Outcome {
         )
     };
     o.pod_name = Some(pod.name_any());
+    o.pod_uid = pod.uid();
     o.start_time = status.start_time.clone();
     o
 }
@@ -444,6 +437,37 @@ fn pod_condition<'a>(
 }
 
 /// A condition that keeps its lastTransitionTime while its status stays the same.
+/// Adds the `ForeignPods` condition to `status` when pods other than the session's own carry
+/// its labels: someone created them (a squatter, or a pod of ours whose creation was never
+/// recorded because the operator stopped right after). They are never used, and named here so
+/// the owner and an administrator see them; garbage collection removes them with the session.
+pub fn report_foreign_pods(
+    status: &mut TerminalSessionStatus,
+    old: &TerminalSessionStatus,
+    foreign: &[String],
+    generation: Option<i64>,
+    now: Timestamp,
+) {
+    if foreign.is_empty() || status.phase.is_some_and(SessionPhase::is_finished) {
+        return;
+    }
+    let message = truncate(&format!(
+        "Pods not created by the operator claim to be this session's and are never used: {}. \
+         Delete them, and find out who created them.",
+        foreign.join(", ")
+    ));
+    let now = Time(now);
+    status.conditions.push(condition(
+        old,
+        c::FOREIGN_PODS,
+        true,
+        c::REASON_FOREIGN_POD,
+        &message,
+        generation,
+        &now,
+    ));
+}
+
 fn condition(
     old: &TerminalSessionStatus,
     type_: &str,
@@ -767,11 +791,23 @@ mod tests {
     }
 
     #[test]
-    fn a_foreign_pod_with_our_name_is_reported_not_adopted() {
-        let st = status(&TerminalSession::test(), PodState::NotOwned);
-        assert_eq!(st.phase, Some(SessionPhase::Pending));
-        assert_eq!(st.reason.as_deref(), Some(c::REASON_POD_NAME_CONFLICT));
-        assert!(st.message.unwrap().contains("dev-0f1e2d3c"));
+    fn foreign_pods_are_named_in_a_condition_and_not_used() {
+        let s = TerminalSession::test();
+        let mut st = status(&s, PodState::NotCreated);
+        let old = st.clone();
+        report_foreign_pods(&mut st, &old, &[], None, t0());
+        assert!(
+            cond(&st, c::FOREIGN_PODS).is_none(),
+            "no foreign pods, no condition"
+        );
+        report_foreign_pods(&mut st, &old, &["dev-squat".into()], None, t0());
+        let f = cond(&st, c::FOREIGN_PODS).expect("reported");
+        assert_eq!(
+            (f.status.as_str(), f.reason.as_str()),
+            ("True", c::REASON_FOREIGN_POD)
+        );
+        assert!(f.message.contains("dev-squat"), "{}", f.message);
+        assert!(st.pod_name.is_none() && st.endpoint.is_none(), "never used");
     }
 
     #[test]

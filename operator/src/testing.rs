@@ -115,7 +115,7 @@ impl SessionExt for TerminalSession {
         self
     }
     fn test_pod(&self) -> Pod {
-        let mut pod = build_pod(self, &Settings::default()).unwrap();
+        let mut pod = build_pod(self, &Settings::default(), "dev-0f1e2d3c").unwrap();
         pod.metadata.uid = Some("pod-uid-1".into());
         pod.metadata.resource_version = Some("200".into());
         pod.status = Some(PodStatus {

@@ -37,6 +37,10 @@ pub struct Claims {
     pub sid: String,
     /// The session's resource UID.
     pub suid: String,
+    /// The UID of the session pod the gateway dials (`status.podUID`). An agent that knows its
+    /// own pod's UID refuses a ticket for any other pod, and one without this claim.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
     pub mode: TicketMode,
     pub iat: u64,
     pub exp: u64,
@@ -85,6 +89,8 @@ pub enum TicketError {
     Expired,
     #[error("ticket is for session {sid} ({suid})")]
     WrongSession { sid: String, suid: String },
+    #[error("ticket is for pod {pod:?}, not this one")]
+    WrongPod { pod: String },
     #[error("ticket already used")]
     Replayed,
     #[error("could not sign ticket: {0}")]
@@ -97,7 +103,9 @@ impl TicketError {
         match self {
             TicketError::Missing => CloseCode::TICKET_REQUIRED,
             TicketError::Expired => CloseCode::TICKET_EXPIRED,
-            TicketError::WrongSession { .. } => CloseCode::WRONG_SESSION,
+            TicketError::WrongSession { .. } | TicketError::WrongPod { .. } => {
+                CloseCode::WRONG_SESSION
+            }
             TicketError::Replayed => CloseCode::TICKET_REPLAYED,
             TicketError::Key(_) | TicketError::Sign(_) => CloseCode::INTERNAL,
             TicketError::Invalid(_) | TicketError::LifetimeTooLong(_) => CloseCode::TICKET_INVALID,
@@ -121,6 +129,8 @@ pub struct TicketRequest<'a> {
     /// `namespace/name`.
     pub session: &'a str,
     pub session_uid: &'a str,
+    /// The session pod's UID (`status.podUID`), when the status records one.
+    pub pod_uid: Option<&'a str>,
     pub mode: Mode,
     /// Seconds until expiry, capped at [`MAX_LIFETIME_SECS`].
     pub ttl_secs: u64,
@@ -158,6 +168,7 @@ impl Signer {
             sub: req.user.into(),
             sid: req.session.into(),
             suid: req.session_uid.into(),
+            pod: req.pod_uid.map(Into::into),
             mode: req.mode.into(),
             iat,
             exp: iat + req.ttl_secs.min(MAX_LIFETIME_SECS),
@@ -185,6 +196,8 @@ pub struct Verifier {
     validation: Validation,
     session: String,
     session_uid: String,
+    /// This agent's pod UID, when it knows it (the downward API in a session pod).
+    pod_uid: Option<String>,
     /// jti → exp; entries are dropped once the ticket could no longer pass the expiry check.
     seen: Mutex<HashMap<String, u64>>,
 }
@@ -215,8 +228,15 @@ impl Verifier {
             validation,
             session: session.into(),
             session_uid: session_uid.into(),
+            pod_uid: None,
             seen: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Accept only tickets naming this pod UID in `pod`.
+    pub fn for_pod(mut self, pod_uid: Option<String>) -> Self {
+        self.pod_uid = pod_uid.filter(|u| !u.is_empty());
+        self
     }
 
     /// Verifies a ticket and marks it used.
@@ -244,6 +264,13 @@ impl Verifier {
             return Err(TicketError::WrongSession {
                 sid: claims.sid,
                 suid: claims.suid,
+            });
+        }
+        if let Some(mine) = &self.pod_uid
+            && claims.pod.as_deref() != Some(mine.as_str())
+        {
+            return Err(TicketError::WrongPod {
+                pod: claims.pod.unwrap_or_default(),
             });
         }
         let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -295,9 +322,39 @@ mod tests {
             user: "alice",
             session: "team-a/dev",
             session_uid: "uid-1",
+            pod_uid: None,
             mode,
             ttl_secs: 30,
         }
+    }
+
+    #[test]
+    fn an_agent_that_knows_its_pod_accepts_only_tickets_for_that_pod() {
+        let (private, public) = generate_keypair();
+        let signer = Signer::from_pem(&private).unwrap();
+        let mine = Verifier::new(&public, "team-a/dev", "uid-1")
+            .unwrap()
+            .for_pod(Some("pod-1".into()));
+        let for_pod = |pod| {
+            signer
+                .mint(&TicketRequest {
+                    pod_uid: pod,
+                    ..req(Mode::Attach)
+                })
+                .unwrap()
+        };
+        assert_eq!(
+            mine.verify(&for_pod(Some("pod-1"))).unwrap().pod.as_deref(),
+            Some("pod-1")
+        );
+        for other in [Some("squatter-pod"), None] {
+            let e = mine.verify(&for_pod(other)).unwrap_err();
+            assert!(matches!(e, TicketError::WrongPod { .. }), "{other:?}: {e}");
+            assert_eq!(e.close_code(), CloseCode::WRONG_SESSION);
+        }
+        // An agent that does not know its pod (outside Kubernetes) checks the session only.
+        let anywhere = Verifier::new(&public, "team-a/dev", "uid-1").unwrap();
+        assert!(anywhere.verify(&for_pod(Some("pod-1"))).is_ok());
     }
 
     #[test]
@@ -350,6 +407,7 @@ mod tests {
             sub: "a".into(),
             sid: "team-a/dev".into(),
             suid: "uid-1".into(),
+            pod: None,
             mode: TicketMode::Attach,
             iat: now_secs(),
             exp: now_secs() + 3600,

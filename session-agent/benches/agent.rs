@@ -100,6 +100,7 @@ impl Agent {
                 user: "bench",
                 session: "bench/s",
                 session_uid: "u",
+                pod_uid: None,
                 mode: Mode::Attach,
                 ttl_secs: 30,
             })

@@ -33,6 +33,11 @@ pub struct Args {
     #[arg(long, env = "TETHER_SESSION_UID")]
     pub session_uid: String,
 
+    /// This pod's UID (the operator sets it from the downward API). When set, tickets must name
+    /// it in `pod`: a ticket the gateway made for another pod is refused with 4403.
+    #[arg(long, env = "TETHER_POD_UID")]
+    pub pod_uid: Option<String>,
+
     /// The gateway's Ed25519 public key (PEM) that signs attach tickets.
     #[arg(
         long,
@@ -59,6 +64,17 @@ pub struct Args {
         default_value = "/dev/termination-log"
     )]
     pub termination_message_path: PathBuf,
+
+    /// The tmux program, by absolute path: never looked up in a PATH the session can change.
+    #[arg(long, env = "TETHER_TMUX", default_value = "/usr/bin/tmux")]
+    pub tmux: PathBuf,
+
+    /// The shell's environment, a JSON array of {"name": ..., "value": ...} (the operator
+    /// writes spec.env here). Applied to the shell through tmux only: the agent and tmux
+    /// themselves run with a fixed environment, so LD_PRELOAD or PATH here reach the shell and
+    /// nothing else.
+    #[arg(long, env = "TETHER_SHELL_ENV", default_value = "[]")]
+    pub shell_env: String,
 
     /// Directory for the private tmux socket and configuration.
     #[arg(long, env = "TETHER_STATE_DIR", default_value = "/tmp/tether")]
@@ -116,6 +132,9 @@ pub struct Config {
     pub listen: SocketAddr,
     pub session: String,
     pub session_uid: String,
+    pub pod_uid: Option<String>,
+    pub tmux: PathBuf,
+    pub shell_env: Vec<(String, String)>,
     pub ticket_public_key: String,
     pub idle_timeout: Option<Duration>,
     pub termination_message_path: PathBuf,
@@ -130,6 +149,49 @@ pub struct Config {
     pub drain: Duration,
     pub command: Vec<String>,
     pub debug_tee_dir: Option<PathBuf>,
+}
+
+/// Parses `--shell-env`: names as the schema allows them (letters, digits, underscores, not
+/// starting with a digit or TETHER_), values without NUL.
+pub fn parse_shell_env(json: &str) -> Result<Vec<(String, String)>> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Var {
+        name: String,
+        #[serde(default)]
+        value: String,
+    }
+    let vars: Vec<Var> = serde_json::from_str(json).map_err(|e| {
+        Error::Config(format!(
+            "TETHER_SHELL_ENV must be a JSON array of {{\"name\", \"value\"}}: {e}"
+        ))
+    })?;
+    vars.into_iter()
+        .map(|v| {
+            let valid = v
+                .name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && v.name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+                && !v.name.starts_with("TETHER_");
+            if !valid {
+                return Err(Error::Config(format!(
+                    "TETHER_SHELL_ENV: {:?} is not a usable variable name",
+                    v.name
+                )));
+            }
+            if v.value.contains('\0') {
+                return Err(Error::Config(format!(
+                    "TETHER_SHELL_ENV: the value of {} contains NUL",
+                    v.name
+                )));
+            }
+            Ok((v.name, v.value))
+        })
+        .collect()
 }
 
 impl Args {
@@ -161,10 +223,20 @@ impl Args {
         if !self.session.contains('/') {
             return Err(Error::Config("--session must be namespace/name".into()));
         }
+        if !self.tmux.is_absolute() {
+            return Err(Error::Config(format!(
+                "--tmux must be an absolute path, not {}",
+                self.tmux.display()
+            )));
+        }
+        let shell_env = parse_shell_env(&self.shell_env)?;
         Ok(Config {
             listen: self.listen,
             session: self.session,
             session_uid: self.session_uid,
+            pod_uid: self.pod_uid.filter(|u| !u.is_empty()),
+            tmux: self.tmux,
+            shell_env,
             ticket_public_key,
             idle_timeout: (self.idle_timeout_seconds > 0)
                 .then(|| Duration::from_secs(self.idle_timeout_seconds)),

@@ -69,8 +69,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<Outcome> {
     let verifier = Verifier::new(&cfg.ticket_public_key, &cfg.session, &cfg.session_uid)
-        .map_err(Error::Ticket)?;
-    let tmux = Tmux::new(&cfg.state_dir);
+        .map_err(Error::Ticket)?
+        .for_pod(cfg.pod_uid.clone());
+    let tmux = Tmux::new(&cfg.tmux, &cfg.state_dir);
     let size = Size::new(cfg.cols, cfg.rows).map_err(|e| Error::Config(e.to_string()))?;
     let result = serve(
         cfg.clone(),
@@ -100,8 +101,16 @@ async fn serve(
     tmux: Tmux,
     size: Size,
 ) -> Result<Outcome> {
-    crate::check_command(&cfg.command, std::env::var_os("PATH").as_deref())?;
-    tmux.start(&cfg.state_dir, &cfg.command, size).await?;
+    // The shell's PATH: its own from spec.env, else tmux's fixed one.
+    let path = cfg
+        .shell_env
+        .iter()
+        .rev()
+        .find(|(name, _)| name == "PATH")
+        .map_or(crate::tmux::BASE_PATH, |(_, value)| value.as_str());
+    crate::check_command(&cfg.command, Some(std::ffi::OsStr::new(path)))?;
+    tmux.start(&cfg.state_dir, &cfg.command, &cfg.shell_env, size)
+        .await?;
     let agent = Arc::new(Agent {
         tmux: tmux.clone(),
         verifier,

@@ -136,7 +136,9 @@ impl TermClient {
         let (pty, pts) = pty_process::open().map_err(Error::Pty)?;
         pty.resize(pty_process::Size::new(size.rows, size.cols))
             .map_err(Error::Pty)?;
-        let mut cmd = pty_process::Command::new("tmux")
+        let mut cmd = pty_process::Command::new(tmux.program())
+            .env_clear()
+            .envs(crate::tmux::base_env())
             .arg("-u")
             .arg("-S")
             .arg(tmux.socket())

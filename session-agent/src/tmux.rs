@@ -40,9 +40,25 @@ set -g visual-bell off
 set -g focus-events off
 ";
 
+/// `PATH` of tmux and of the shell unless the session sets its own.
+pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+
+/// The whole environment of every tmux process the agent runs: fixed, never the agent's own
+/// (which holds the agent's configuration) nor the session's `spec.env` (which reaches the shell
+/// through `new-session -e` only). `HOME` is the agent's, which the operator sets.
+pub fn base_env() -> Vec<(&'static str, String)> {
+    let home = std::env::var("HOME").unwrap_or_else(|_| "/".into());
+    vec![
+        ("PATH", BASE_PATH.into()),
+        ("HOME", home),
+        ("LANG", "C.UTF-8".into()),
+    ]
+}
+
 /// Handle on the private tmux server.
 #[derive(Debug, Clone)]
 pub struct Tmux {
+    program: PathBuf,
     socket: PathBuf,
 }
 
@@ -58,10 +74,17 @@ pub struct PaneState {
 }
 
 impl Tmux {
-    pub fn new(state_dir: &Path) -> Self {
+    /// `program` is tmux's absolute path.
+    pub fn new(program: &Path, state_dir: &Path) -> Self {
         Self {
+            program: program.to_owned(),
             socket: state_dir.join("tmux.sock"),
         }
+    }
+
+    /// The tmux program the agent runs.
+    pub fn program(&self) -> &Path {
+        &self.program
     }
 
     pub fn socket(&self) -> &Path {
@@ -71,14 +94,23 @@ impl Tmux {
     /// A `tmux` command on the private socket. `-u` because browsers speak UTF-8 whatever the
     /// container's locale says.
     pub fn command(&self) -> Command {
-        let mut c = Command::new("tmux");
+        let mut c = Command::new(&self.program);
+        c.env_clear().envs(base_env());
         c.arg("-u").arg("-S").arg(&self.socket);
         c.kill_on_drop(true);
         c
     }
 
-    /// Starts the server with the shell in session [`SESSION`].
-    pub async fn start(&self, state_dir: &Path, argv: &[String], size: Size) -> Result<()> {
+    /// Starts the server with the shell in session [`SESSION`]; `env` is the shell's own
+    /// environment on top of [`base_env`], set with `new-session -e` so that it never reaches
+    /// the tmux server itself.
+    pub async fn start(
+        &self,
+        state_dir: &Path,
+        argv: &[String],
+        env: &[(String, String)],
+        size: Size,
+    ) -> Result<()> {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::Io(state_dir.display().to_string(), e))?;
         let conf = state_dir.join("tmux.conf");
@@ -95,13 +127,19 @@ impl Tmux {
             "-y",
             &size.rows.to_string(),
         ]);
-        c.args(argv);
-        // The shell must not inherit the agent's own configuration (the ticket key among it).
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("TETHER_") {
-                c.env_remove(k);
+        for (name, value) in env {
+            if name == "PATH" {
+                // tmux gives a new session's panes the PATH of the client that created it, not
+                // `-e PATH=`: so this one variable is the creating client's. tmux runs nothing by
+                // name (the configuration above has no hooks or shell commands).
+                c.env("PATH", value);
+            } else {
+                c.arg("-e").arg(format!("{name}={value}"));
             }
         }
+        // The end of tmux's options: a command starting with `-` is still the command.
+        c.arg("--");
+        c.args(argv);
         self.run(c).await?;
         Ok(())
     }

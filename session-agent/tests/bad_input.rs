@@ -184,6 +184,7 @@ async fn bad_tickets_get_their_close_codes_and_others_keep_working() {
         user: "mallory",
         session,
         session_uid: uid,
+        pod_uid: None,
         mode: Mode::Attach,
         ttl_secs: 30,
     };
@@ -206,6 +207,7 @@ async fn bad_tickets_get_their_close_codes_and_others_keep_working() {
             sub: "mallory".into(),
             sid: SESSION.into(),
             suid: SESSION_UID.into(),
+            pod: None,
             mode: TicketMode::Attach,
             iat: now(),
             exp: now() + 3600,

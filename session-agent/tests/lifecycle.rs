@@ -169,3 +169,91 @@ async fn a_recording_is_an_asciicast_of_the_output() {
         .collect();
     assert!(output.contains("recorded-42"), "{output:?}");
 }
+
+/// The session's environment (spec.env, as the operator hands it over) reaches the shell and
+/// nothing else: not the tmux server the agent starts, and a `tmux` earlier in the session's
+/// PATH is never run by the agent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sessions_environment_reaches_the_shell_only() {
+    let bin = tempfile::tempdir().unwrap();
+    let ran = bin.path().join("fake-tmux-ran");
+    let fake = bin.path().join("tmux");
+    std::fs::write(
+        &fake,
+        format!(
+            "#!/bin/sh\ntouch {}\nexec /usr/bin/tmux \"$@\"\n",
+            ran.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let env = serde_json::json!([
+        {"name": "LD_PRELOAD", "value": "/nonexistent/tether-evil.so"},
+        {"name": "MARKER", "value": "from-spec"},
+        {"name": "PATH", "value": format!("{}:/usr/bin:/bin", bin.path().display())},
+    ]);
+    let agent = TestAgent::start(&[&format!("--shell-env={env}")]).await;
+    let mut t = agent.open(Mode::Attach, Size::default()).await;
+    read_until(&mut t, "$ ").await;
+    t.send_input(b"echo \"[$LD_PRELOAD][$MARKER][${PATH%%:*}]\" 2>/dev/null\r")
+        .await
+        .unwrap();
+    let seen = read_until(&mut t, "[from-spec]").await;
+    assert!(
+        strip_ansi(&seen).contains(&format!(
+            "[/nonexistent/tether-evil.so][from-spec][{}]",
+            bin.path().display()
+        )),
+        "the shell has the session's environment: {seen:?}"
+    );
+    let pid: u32 = agent
+        .tmux(&["display-message", "-p", "#{pid}"])
+        .trim()
+        .parse()
+        .unwrap();
+    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = String::from_utf8_lossy(&environ);
+    for leaked in ["LD_PRELOAD", "MARKER"] {
+        assert!(
+            !environ.contains(leaked),
+            "{leaked} reached the tmux server: {environ:?}"
+        );
+    }
+    assert!(
+        !ran.exists(),
+        "the agent ran the tmux on the session's PATH"
+    );
+}
+
+#[test]
+fn tmux_must_be_named_by_absolute_path_and_the_shell_env_must_be_well_formed() {
+    use clap::Parser;
+    let parse = |extra: &[&str]| {
+        let mut argv = vec![
+            "tether-session-agent",
+            "--session=team-a/dev",
+            "--session-uid=u",
+            "--ticket-public-key=k",
+        ];
+        argv.extend_from_slice(extra);
+        tether_session_agent::config::Args::try_parse_from(argv)
+            .unwrap()
+            .into_config()
+            .map(drop)
+            .map_err(|e| e.to_string())
+    };
+    assert!(parse(&[]).is_ok());
+    assert!(
+        parse(&["--tmux=tmux"])
+            .unwrap_err()
+            .contains("absolute path")
+    );
+    assert!(
+        parse(&["--shell-env={}"])
+            .unwrap_err()
+            .contains("JSON array")
+    );
+    let reserved = parse(&[r#"--shell-env=[{"name":"TETHER_TICKET_PUBLIC_KEY","value":"x"}]"#]);
+    assert!(reserved.unwrap_err().contains("not a usable variable name"));
+    assert!(parse(&[r#"--shell-env=[{"name":"1X","value":"x"}]"#]).is_err());
+}

@@ -174,6 +174,7 @@ async fn main() {
             user: "bench",
             session: "bench/agent",
             session_uid: "uid",
+            pod_uid: None,
             mode: Mode::Attach,
             ttl_secs: 30,
         })

@@ -176,6 +176,7 @@ async fn connect(s: &Setup, via_gateway: bool) -> Ws {
                 user: "bench",
                 session: "bench/dev",
                 session_uid: "uid",
+                pod_uid: None,
                 mode: Mode::Attach,
                 ttl_secs: 30,
             })

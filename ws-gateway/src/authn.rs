@@ -584,7 +584,7 @@ pub fn parse_dev_tokens(text: &str) -> Result<HashMap<String, UserInfo>, String>
 pub const TOKEN_REVIEW_CACHE_TTL: Duration = Duration::from_secs(10);
 /// How long a refused token is remembered: the same bad token again costs no TokenReview.
 pub const TOKEN_REFUSAL_CACHE_TTL: Duration = Duration::from_secs(10);
-const TOKEN_REVIEW_CACHE_MAX: usize = 10_000;
+const TOKEN_REVIEW_CACHE_MAX: u64 = 10_000;
 
 /// How Kubernetes tokens are reviewed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -615,38 +615,14 @@ fn digest(token: &str) -> Digest {
     sha2::Sha256::digest(token.as_bytes()).into()
 }
 
-/// A bounded map of token digests with an age limit.
-#[derive(Debug)]
-struct TtlCache<V> {
-    ttl: Duration,
-    entries: HashMap<Digest, (Instant, V)>,
-}
+/// A bounded map of token digests with an age limit; the least recently used go first.
+type TtlCache<V> = moka::sync::Cache<Digest, V>;
 
-impl<V: Clone> TtlCache<V> {
-    fn new(ttl: Duration) -> Self {
-        Self {
-            ttl,
-            entries: HashMap::new(),
-        }
-    }
-
-    fn get(&self, key: &Digest) -> Option<V> {
-        self.entries
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < self.ttl)
-            .map(|(_, v)| v.clone())
-    }
-
-    fn insert(&mut self, key: Digest, value: V) {
-        if self.entries.len() >= TOKEN_REVIEW_CACHE_MAX {
-            let ttl = self.ttl;
-            self.entries.retain(|_, (at, _)| at.elapsed() < ttl);
-            if self.entries.len() >= TOKEN_REVIEW_CACHE_MAX {
-                self.entries.clear();
-            }
-        }
-        self.entries.insert(key, (Instant::now(), value));
-    }
+fn ttl_cache<V: Clone + Send + Sync + 'static>(ttl: Duration) -> TtlCache<V> {
+    moka::sync::Cache::builder()
+        .max_capacity(TOKEN_REVIEW_CACHE_MAX)
+        .time_to_live(ttl)
+        .build()
 }
 
 /// Every configured way to authenticate.
@@ -656,9 +632,9 @@ pub struct Authenticator {
     pub token_review: Option<Arc<dyn TokenReviewer>>,
     pub policy: TokenReviewPolicy,
     /// Token digest → who TokenReview said it was.
-    reviewed: std::sync::Mutex<TtlCache<Credential>>,
+    reviewed: TtlCache<Credential>,
     /// Token digest → why it was refused.
-    refused: std::sync::Mutex<TtlCache<String>>,
+    refused: TtlCache<String>,
     /// Bounds TokenReviews of tokens in neither cache, whatever their source.
     review_rate: governor::DefaultDirectRateLimiter,
 }
@@ -705,8 +681,8 @@ impl Authenticator {
             oidc,
             token_review,
             policy,
-            reviewed: std::sync::Mutex::new(TtlCache::new(TOKEN_REVIEW_CACHE_TTL)),
-            refused: std::sync::Mutex::new(TtlCache::new(TOKEN_REFUSAL_CACHE_TTL)),
+            reviewed: ttl_cache(TOKEN_REVIEW_CACHE_TTL),
+            refused: ttl_cache(TOKEN_REFUSAL_CACHE_TTL),
             review_rate: governor::RateLimiter::direct(
                 governor::Quota::per_second(rate).allow_burst(burst),
             ),
@@ -737,20 +713,10 @@ impl Authenticator {
             return Err(AuthError::Invalid("unknown token".into()));
         };
         let key = digest(token);
-        if let Some(c) = self
-            .reviewed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
+        if let Some(c) = self.reviewed.get(&key) {
             return Ok(c);
         }
-        if let Some(why) = self
-            .refused
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&key)
-        {
+        if let Some(why) = self.refused.get(&key) {
             return Err(AuthError::Invalid(why));
         }
         // A flood of made-up tokens must not become a flood of TokenReviews.
@@ -777,10 +743,7 @@ impl Authenticator {
                         .unwrap_or(DEFAULT_TOKEN_AUDIENCE)
                 )
             };
-            self.refused
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(key, why.clone());
+            self.refused.insert(key, why.clone());
             return Err(AuthError::Invalid(why));
         };
         let credential = Credential {
@@ -788,10 +751,7 @@ impl Authenticator {
             via: Via::Kubernetes,
             expires_at: unverified_expiry(token),
         };
-        self.reviewed
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key, credential.clone());
+        self.reviewed.insert(key, credential.clone());
         Ok(credential)
     }
 }

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
-use tether_api::{SessionPhase, TerminalSession, conditions};
+use tether_api::{Ownership, SessionPhase, Share, ShareMode, TerminalSession, conditions};
 
 /// What the gateway needs of one session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +25,14 @@ pub struct SessionView {
     pub message: String,
     /// `host:port` of the agent, only while the session is ready.
     pub endpoint: Option<String>,
+    /// `status.podName` / `status.podUID`: the pod the operator created, which attach tickets
+    /// name so the agent can check they are meant for it.
+    pub pod: Option<(String, String)>,
+    /// The person who owns it (annotation `tether.dev/owner`); `None` for a session reached
+    /// through RBAC (owned by a service account, or by nobody recorded).
+    pub owner: Option<String>,
+    /// `spec.sharing`.
+    pub sharing: Vec<Share>,
 }
 
 impl SessionView {
@@ -42,6 +50,7 @@ impl SessionView {
         let endpoint = status
             .endpoint
             .filter(|e| phase == SessionPhase::Ready && condition_ready && !e.trim().is_empty());
+        let pod = status.pod_name.clone().zip(status.pod_uid.clone());
         Some(Self {
             namespace,
             name: s.name_any(),
@@ -49,7 +58,18 @@ impl SessionView {
             phase,
             message: status.message.unwrap_or_default(),
             endpoint,
+            pod,
+            owner: match Ownership::of(s) {
+                Ownership::Person(owner) => Some(owner),
+                Ownership::Rbac => None,
+            },
+            sharing: s.spec.sharing.clone(),
         })
+    }
+
+    /// The mode `spec.sharing` gives this user with these groups.
+    pub fn shared_mode(&self, user: &str, groups: &[String]) -> Option<ShareMode> {
+        tether_api::shared_mode(&self.sharing, user, groups)
     }
 
     /// Ready to be attached: Ready phase, Ready condition and an endpoint.

@@ -108,6 +108,7 @@ impl Gateway {
             backends.access,
             config.args.authz_cache_ttl,
             metrics.clone(),
+            backends.index.clone(),
         );
         Arc::new(Self {
             conns: ConnectionLimiter::new(config.args.max_connections_per_user),

@@ -800,30 +800,15 @@ async fn sessions(
         .read()
         .unwrap_or_else(|p| p.into_inner())
         .list(q.namespace.as_deref());
-    let checks = list.into_iter().map(|s| {
-        let gw = gw.clone();
-        let user = user.clone();
-        async move {
-            let attach = gw
-                .authz
-                .check(&user, &s.namespace, &s.name, Mode::Attach)
-                .await;
-            let observe = gw
-                .authz
-                .check(&user, &s.namespace, &s.name, Mode::Observe)
-                .await;
-            (s, attach, observe)
-        }
-    });
+    let Ok(access) = gw.authz.list_access(&user, &list).await else {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "cannot check permissions right now",
+        ));
+    };
     let mut out = Vec::new();
-    for (s, attach, observe) in futures::future::join_all(checks).await {
-        let (Ok(attach), Ok(observe)) = (attach, observe) else {
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "cannot check permissions right now",
-            ));
-        };
-        if !attach.allowed && !observe.allowed {
+    for (s, (attach, observe)) in list.into_iter().zip(access) {
+        if !attach && !observe {
             continue;
         }
         out.push(json!({
@@ -832,8 +817,9 @@ async fn sessions(
             "phase": s.phase.as_str(),
             "ready": s.is_ready(),
             "message": s.message,
-            "canAttach": attach.allowed,
-            "canObserve": observe.allowed,
+            "owner": s.owner,
+            "canAttach": attach,
+            "canObserve": observe,
         }));
     }
     let mut r = Json(out).into_response();
@@ -1181,6 +1167,7 @@ async fn websocket(
             user: &user.user,
             session: &session.key(),
             session_uid: &session.uid,
+            pod_uid: session.pod.as_ref().map(|(_, uid)| uid.as_str()),
             mode,
             ttl_secs: 30,
         })

@@ -84,7 +84,7 @@ async fn login_sets_a_strict_http_only_cookie_that_whoami_and_sessions_accept() 
         list,
         serde_json::json!([{
             "namespace": NS, "name": SESSION, "phase": "Ready", "ready": true, "message": "",
-            "canAttach": true, "canObserve": true,
+            "owner": null, "canAttach": true, "canObserve": true,
         }]),
         "only sessions the user may open, team-b/hidden left out"
     );

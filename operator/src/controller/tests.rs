@@ -47,13 +47,15 @@ impl Expect {
 }
 
 const POD: &str = "/api/v1/namespaces/team-a/pods/dev-0f1e2d3c";
+const PODS: &str = "/api/v1/namespaces/team-a/pods";
 const POLICY: &str = "/apis/networking.k8s.io/v1/namespaces/team-a/networkpolicies/tether-sessions";
 const STATUS: &str = "/apis/tether.dev/v1alpha1/namespaces/team-a/terminalsessions/dev/status";
 const SESSION: &str = "/apis/tether.dev/v1alpha1/namespaces/team-a/terminalsessions/dev";
 const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/team-a/events";
 
-fn not_found() -> Value {
-    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "not found"})
+/// A pod list as the API server answers the session-UID label selector.
+fn pods(items: &[&Pod]) -> Value {
+    json!({"kind": "PodList", "apiVersion": "v1", "metadata": {"resourceVersion": "300"}, "items": items})
 }
 
 fn context() -> (Arc<Context>, Handle) {
@@ -76,6 +78,15 @@ async fn serve(mut handle: Handle, script: Vec<Expect>) -> Vec<Value> {
         assert_eq!(req.method(), &e.method, "method of {}", req.uri());
         assert_eq!(req.uri().path(), e.path);
         let query = req.uri().query().unwrap_or_default().to_string();
+        if e.method == Method::GET && e.path == PODS {
+            assert!(
+                query.contains("labelSelector=tether.dev%2Fsession-uid%3D"),
+                "the session's pods are listed by its UID label: {query}"
+            );
+        }
+        if e.method == Method::POST && e.path == PODS {
+            assert!(query.contains("fieldManager=tether-operator"), "{query}");
+        }
         if e.method == Method::PATCH {
             assert!(query.contains("fieldManager=tether-operator"), "{query}");
             assert!(query.contains("force=true"), "{query}");
@@ -146,14 +157,14 @@ async fn a_new_session_gets_its_policy_then_its_pod_then_an_event_and_a_status()
     let session = TerminalSession::test();
     let created = session.test_pod();
     let script = vec![
-        expect(Method::GET, POD, 404, not_found()),
+        expect(Method::GET, PODS, 200, pods(&[])),
         expect(Method::PATCH, POLICY, 200, Value::Null).checking(|b| {
             assert_eq!(b["kind"], "NetworkPolicy");
             assert_eq!(b["spec"]["ingress"][0]["ports"][0]["port"], 7681);
         }),
         expect(
-            Method::PATCH,
-            POD,
+            Method::POST,
+            PODS,
             201,
             serde_json::to_value(&created).unwrap(),
         )
@@ -199,12 +210,7 @@ async fn a_new_session_gets_its_policy_then_its_pod_then_an_event_and_a_status()
 async fn a_second_reconcile_of_an_unchanged_ready_session_makes_no_writes() {
     let (ctx, handle) = context();
     let (session, pod) = ready_session();
-    let script = vec![expect(
-        Method::GET,
-        POD,
-        200,
-        serde_json::to_value(&pod).unwrap(),
-    )];
+    let script = vec![expect(Method::GET, PODS, 200, pods(&[&pod]))];
     let (result, _) = run(session, ctx, handle, script).await;
     assert_eq!(result.unwrap(), Action::requeue(RESYNC));
 }
@@ -217,7 +223,7 @@ async fn a_ready_pod_makes_the_session_ready_with_an_event() {
     let session = s.clone().with_status(starting);
     let pod = s.test_pod().scheduled().running("10.0.0.7", true);
     let script = vec![
-        expect(Method::GET, POD, 200, serde_json::to_value(&pod).unwrap()),
+        expect(Method::GET, PODS, 200, pods(&[&pod])),
         expect(Method::PATCH, STATUS, 200, Value::Null).checking(|b| {
             assert_eq!(b["status"]["phase"], "Ready");
             assert_eq!(b["status"]["endpoint"], "10.0.0.7:7681");
@@ -256,9 +262,9 @@ async fn a_pod_refused_by_quota_is_reported_with_the_servers_reason_and_not_retr
         "message": "pods \"dev-0f1e2d3c\" is forbidden: exceeded quota: sessions, requested: pods=1, used: pods=1, limited: pods=1"
     });
     let script = vec![
-        expect(Method::GET, POD, 404, not_found()),
+        expect(Method::GET, PODS, 200, pods(&[])),
         expect(Method::PATCH, POLICY, 200, Value::Null),
-        expect(Method::PATCH, POD, 403, forbidden),
+        expect(Method::POST, PODS, 403, forbidden),
         expect(Method::PATCH, STATUS, 200, Value::Null).checking(|b| {
             assert_eq!(b["status"]["phase"], "Pending");
             assert_eq!(b["status"]["reason"], "PodRejected");
@@ -324,7 +330,7 @@ async fn a_finished_shell_succeeds_and_its_pod_is_deleted() {
         0,
     );
     let script = vec![
-        expect(Method::GET, POD, 200, serde_json::to_value(&pod).unwrap()),
+        expect(Method::GET, PODS, 200, pods(&[&pod])),
         expect(Method::PATCH, STATUS, 200, Value::Null).checking(|b| {
             assert_eq!(b["status"]["phase"], "Succeeded");
             assert_eq!(b["status"]["exitCode"], 0);
@@ -355,7 +361,7 @@ async fn a_pod_deleted_under_a_ready_session_fails_it_without_recreating() {
     let (ctx, handle) = context();
     let (session, _) = ready_session();
     let script = vec![
-        expect(Method::GET, POD, 404, not_found()),
+        expect(Method::GET, PODS, 200, pods(&[])),
         expect(Method::PATCH, STATUS, 200, Value::Null).checking(|b| {
             assert_eq!(b["status"]["phase"], "Failed");
             assert_eq!(b["status"]["reason"], "PodDeleted");
@@ -381,7 +387,7 @@ async fn a_finished_session_past_its_ttl_is_deleted_with_a_uid_precondition() {
     let mut done = desired_status(&s, PodState::Present(&pod), t0());
     done.finish_time = Some(Time(t0() - Duration::from_secs(11)));
     let script = vec![
-        expect(Method::GET, POD, 404, not_found()),
+        expect(Method::GET, PODS, 200, pods(&[])),
         expect(
             Method::DELETE,
             SESSION,
@@ -409,7 +415,7 @@ async fn a_finished_session_within_its_ttl_waits_for_it() {
         .terminated(r#"{"reason":"ShellExited","exitCode":0}"#, 0);
     let mut done = desired_status(&s, PodState::Present(&pod), t0());
     done.finish_time = Some(Time(t0() - Duration::from_secs(20)));
-    let script = vec![expect(Method::GET, POD, 404, not_found())];
+    let script = vec![expect(Method::GET, PODS, 200, pods(&[]))];
     let (result, _) = run(s.with_status(done), ctx, handle, script).await;
     assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(40)));
 }
@@ -419,7 +425,7 @@ async fn a_server_error_fails_the_reconcile_and_retries_with_growing_backoff() {
     let (ctx, handle) = context();
     let session = TerminalSession::test();
     let unavailable = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "ServiceUnavailable", "code": 503, "message": "etcd is away"});
-    let script = vec![expect(Method::GET, POD, 503, unavailable)];
+    let script = vec![expect(Method::GET, PODS, 503, unavailable)];
     let (result, _) = run(session.clone(), ctx.clone(), handle, script).await;
     let err = result.unwrap_err();
     assert!(err.is_transient());
@@ -445,7 +451,7 @@ async fn a_status_write_from_a_stale_copy_conflicts_and_is_retried() {
     let pod = pod.terminated(r#"{"reason":"ShellExited","exitCode":0}"#, 0);
     let conflict = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"});
     let script = vec![
-        expect(Method::GET, POD, 200, serde_json::to_value(&pod).unwrap()),
+        expect(Method::GET, PODS, 200, pods(&[&pod])),
         expect(Method::PATCH, STATUS, 409, conflict),
     ];
     let (result, _) = run(session, ctx, handle, script).await;
@@ -463,28 +469,112 @@ async fn a_session_being_deleted_is_left_to_garbage_collection() {
     assert_eq!(result.unwrap(), Action::await_change());
 }
 
+/// A pod made by someone else before the operator got to the session: it has the session's
+/// labels and a controller reference to it (what the hostile tenant did), and it is still not
+/// the session's pod. The operator creates its own under a fresh name and reports the squatter.
+fn squatter(session: &TerminalSession) -> Pod {
+    let mut pod = session.test_pod();
+    pod.metadata.name = Some("dev-squatter".into());
+    pod.metadata.uid = Some("attacker-uid".into());
+    pod
+}
+
 #[tokio::test]
-async fn a_foreign_pod_with_the_session_pods_name_is_reported_and_left_alone() {
+async fn a_pod_that_only_claims_the_session_is_reported_and_never_used() {
     let (ctx, handle) = context();
     let session = TerminalSession::test();
-    let mut foreign = session.test_pod();
-    foreign.metadata.owner_references = None;
+    let foreign = squatter(&session);
+    assert!(
+        crate::pod::is_owned_by(&foreign, &session),
+        "it claims the session"
+    );
+    let mut created = session.test_pod();
+    created.metadata.name = Some("dev-bcdfghjklm".into());
     let script = vec![
+        expect(Method::GET, PODS, 200, pods(&[&foreign])),
+        expect(Method::PATCH, POLICY, 200, Value::Null),
         expect(
-            Method::GET,
-            POD,
-            200,
-            serde_json::to_value(&foreign).unwrap(),
-        ),
-        expect(Method::PATCH, STATUS, 200, Value::Null).checking(|b| {
-            assert_eq!(b["status"]["reason"], "PodNameConflict");
+            Method::POST,
+            PODS,
+            201,
+            serde_json::to_value(&created).unwrap(),
+        )
+        .checking(|b| {
+            let name = b["metadata"]["name"].as_str().unwrap();
+            assert!(name.starts_with("dev-") && name != "dev-squatter", "{name}");
+        }),
+        expect(Method::POST, EVENTS, 201, Value::Null).checking(|b| {
+            assert_eq!(b["reason"], "PodCreated");
         }),
         expect(Method::POST, EVENTS, 201, Value::Null).checking(|b| {
             assert_eq!(b["type"], "Warning");
+            assert_eq!(b["reason"], "ForeignPod");
+            assert!(b["note"].as_str().unwrap().contains("dev-squatter"), "{b}");
+        }),
+        expect(Method::PATCH, STATUS, 200, Value::Null).checking(|b| {
+            let st = &b["status"];
+            assert_eq!(st["podName"], "dev-bcdfghjklm", "the operator's own pod");
+            assert_eq!(st["podUID"], "pod-uid-1");
+            let foreign = st["conditions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|c| c["type"] == "ForeignPods")
+                .expect("reported in status");
+            assert!(
+                foreign["message"]
+                    .as_str()
+                    .unwrap()
+                    .contains("dev-squatter")
+            );
         }),
     ];
     let (result, _) = run(session, ctx, handle, script).await;
-    assert_eq!(result.unwrap(), Action::requeue(CONFLICT_RETRY));
+    result.unwrap();
+}
+
+#[tokio::test]
+async fn a_squatter_next_to_the_recorded_pod_changes_nothing_but_the_report() {
+    let (ctx, handle) = context();
+    let (session, pod) = ready_session();
+    let foreign = squatter(&session);
+    let script = vec![
+        // The squatter first: order must not matter.
+        expect(Method::GET, PODS, 200, pods(&[&foreign, &pod])),
+        expect(Method::POST, EVENTS, 201, Value::Null).checking(|b| {
+            assert_eq!(b["reason"], "ForeignPod");
+        }),
+        expect(Method::PATCH, STATUS, 200, Value::Null).checking(|b| {
+            let st = &b["status"];
+            assert_eq!(st["phase"], "Ready");
+            assert_eq!(st["podName"], "dev-0f1e2d3c");
+            assert_eq!(
+                st["endpoint"], "10.0.0.7:7681",
+                "the recorded pod's address"
+            );
+        }),
+    ];
+    let (result, _) = run(session, ctx, handle, script).await;
+    assert_eq!(result.unwrap(), Action::requeue(RESYNC));
+}
+
+#[tokio::test]
+async fn a_pod_recreated_under_the_recorded_name_is_not_the_session_pod() {
+    let (ctx, handle) = context();
+    let (session, pod) = ready_session();
+    let mut impostor = pod.clone();
+    impostor.metadata.uid = Some("attacker-uid".into());
+    let script = vec![
+        expect(Method::GET, PODS, 200, pods(&[&impostor])),
+        expect(Method::PATCH, STATUS, 200, Value::Null).checking(|b| {
+            assert_eq!(b["status"]["phase"], "Failed");
+            assert_eq!(b["status"]["reason"], "PodDeleted");
+            assert!(b["status"].get("endpoint").is_none(), "{b}");
+        }),
+        expect(Method::POST, EVENTS, 201, Value::Null),
+    ];
+    let (result, _) = run(session, ctx, handle, script).await;
+    result.unwrap();
 }
 
 #[tokio::test]
@@ -495,7 +585,7 @@ async fn a_refused_network_policy_is_named_in_status_and_no_pod_is_created_witho
         "message": "networkpolicies.networking.k8s.io \"tether-sessions\" is forbidden: User cannot create resource"
     });
     let script = vec![
-        expect(Method::GET, POD, 404, not_found()),
+        expect(Method::GET, PODS, 200, pods(&[])),
         expect(Method::PATCH, POLICY, 403, forbidden),
         expect(Method::PATCH, STATUS, 200, Value::Null).checking(|b| {
             assert_eq!(b["status"]["reason"], "PodRejected");

@@ -124,6 +124,7 @@ impl TestAgent {
                 user,
                 session: SESSION,
                 session_uid: SESSION_UID,
+                pod_uid: None,
                 mode,
                 ttl_secs: 30,
             })
