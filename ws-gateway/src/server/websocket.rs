@@ -1,0 +1,277 @@
+//! The WebSocket upgrade: cheap refusals, authentication, admission, the agent dial, then the
+//! proxied connection with its audit record.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::Response;
+use serde::Deserialize;
+use tether_protocol::SUBPROTOCOL;
+use tether_protocol::ticket::TicketRequest;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tracing::Instrument;
+
+use super::admission::{admit, credential_ends, parse_mode, reauthorize};
+use super::credentials::{Principal, bearer_protocol_token, offered_protocols, principal};
+use super::{ApiError, peer_of, refuse};
+use crate::Gateway;
+use crate::limits::origin_allowed;
+use crate::metrics::ModeLabel;
+use crate::proxy::{ProxySettings, proxy};
+
+/// Read buffer of each proxied WebSocket.
+const READ_BUFFER: usize = 8 * 1024;
+
+#[derive(Deserialize)]
+pub(crate) struct WsQuery {
+    mode: Option<String>,
+}
+
+pub(crate) async fn websocket(
+    State(gw): State<Arc<Gateway>>,
+    Path((namespace, name)): Path<(String, String)>,
+    Query(q): Query<WsQuery>,
+    mut req: Request,
+) -> Result<Response, ApiError> {
+    let headers = req.headers().clone();
+    let peer = peer_of(&req);
+
+    // Cheap refusals first: origin and rate cost nothing to check.
+    let origin = headers
+        .get(header::ORIGIN)
+        .map(|o| o.to_str().unwrap_or("null"));
+    if !origin_allowed(origin, &gw.config.args.allowed_origins) {
+        return Err(refuse(
+            &gw,
+            "origin",
+            ApiError::new(
+                StatusCode::FORBIDDEN,
+                format!("origin {} is not allowed", origin.unwrap_or("(missing)")),
+            ),
+        ));
+    }
+    if !gw.rate.check(peer.ip()) {
+        return Err(refuse(
+            &gw,
+            "rate_limited",
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many connection attempts: slow down",
+            ),
+        ));
+    }
+    let protocols = offered_protocols(&headers);
+    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
+    let is_upgrade = headers
+        .get(header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    let (Some(key), true) = (key, is_upgrade) else {
+        return Err(refuse(
+            &gw,
+            "not_websocket",
+            ApiError::new(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade"),
+        ));
+    };
+    if !protocols.iter().any(|p| p == SUBPROTOCOL) {
+        return Err(refuse(
+            &gw,
+            "subprotocol",
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("the WebSocket subprotocol {SUBPROTOCOL} is required"),
+            ),
+        ));
+    }
+    let mode = parse_mode(q.mode.as_deref()).map_err(|e| refuse(&gw, "bad_request", e))?;
+
+    // A bearer subprotocol (CLI) wins over the cookie: it is what the client chose to send.
+    let bearer = bearer_protocol_token(&protocols);
+    let principal = match bearer {
+        Some(token) => gw
+            .authn
+            .authenticate(&token)
+            .await
+            .map(Principal::from_bearer)
+            .map_err(|e| refuse(&gw, e.label(), e.into()))?,
+        None => principal(&gw, &headers, None)
+            .await
+            .map_err(|e| refuse(&gw, "no_token", e))?,
+    };
+    let user = principal.user.clone();
+    let (session, endpoint) = admit(&gw, &user, &namespace, &name, mode)
+        .await
+        .map_err(|(reason, e)| refuse(&gw, reason, e))?;
+    let Some(slot) = gw.conns.acquire(&user.user) else {
+        return Err(refuse(
+            &gw,
+            "too_many_connections",
+            ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "user {} already has {} terminal connections open",
+                    user.user, gw.config.args.max_connections_per_user
+                ),
+            ),
+        ));
+    };
+
+    // Dial the agent before answering, so an unreachable agent is a status, not a dead socket.
+    let ticket = gw
+        .config
+        .signer
+        .mint(&TicketRequest {
+            user: &user.user,
+            session: &session.key(),
+            session_uid: &session.uid,
+            mode,
+            ttl_secs: 30,
+        })
+        .map_err(|e| {
+            refuse(
+                &gw,
+                "internal",
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("cannot mint a ticket: {e}"),
+                ),
+            )
+        })?;
+    let agent = dial_agent(&endpoint, &ticket, gw.config.args.handshake_timeout)
+        .await
+        .map_err(|e| {
+            tracing::warn!(%namespace, %name, %endpoint, error = %e, "cannot reach the agent");
+            refuse(
+                &gw,
+                "agent_unreachable",
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    format!("cannot reach the session agent: {e}"),
+                ),
+            )
+        })?;
+
+    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "this connection cannot be upgraded",
+        ));
+    };
+    let settings = ProxySettings {
+        mode,
+        max_frame_bytes: gw.config.args.max_frame_bytes,
+        handshake_timeout: gw.config.args.handshake_timeout,
+        idle_timeout: gw.config.args.idle_timeout,
+    };
+    let session_key = session.key();
+    let gw2 = gw.clone();
+    gw.tasks.spawn(async move {
+        let _slot = slot;
+        let upgraded = match tokio::time::timeout(Duration::from_secs(10), on_upgrade).await {
+            Ok(Ok(u)) => u,
+            _ => return,
+        };
+        // Small read buffers: an idle terminal is the common case, and tungstenite's default
+        // 128 KiB per socket would dominate the gateway's memory per connection.
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(READ_BUFFER)
+            .max_message_size(Some(settings.max_frame_bytes * 2 + 1024))
+            .max_frame_size(Some(settings.max_frame_bytes * 2 + 1024));
+        let client = tokio_tungstenite::WebSocketStream::from_raw_socket(
+            hyper_util::rt::TokioIo::new(upgraded),
+            Role::Server,
+            Some(ws_config),
+        )
+        .await;
+        let label = ModeLabel {
+            mode: mode.as_str(),
+        };
+        gw2.metrics.connections.get_or_create(&label).inc();
+        gw2.metrics.connections_total.get_or_create(&label).inc();
+        let mut record = gw2
+            .audit
+            .start(&user, &session_key, mode.as_str(), &peer.to_string());
+        let span = tracing::info_span!("connection", user = %user.user, session = %session_key, mode = mode.as_str());
+        tracing::info!(parent: &span, "attached");
+        let revoked = reauthorize(gw2.clone(), user.clone(), namespace, name, mode);
+        let signed_out = credential_ends(gw2.clone(), principal);
+        let ended = async move {
+            tokio::select! {
+                why = revoked => (tether_protocol::CloseCode::REVOKED, why),
+                why = signed_out => (tether_protocol::CloseCode::SIGNED_OUT, why),
+            }
+        };
+        let outcome = proxy(
+            client,
+            agent,
+            settings,
+            gw2.shutdown.child_token(),
+            ended,
+            &gw2.metrics,
+        )
+        .instrument(span.clone())
+        .await;
+        gw2.metrics.connections.get_or_create(&label).dec();
+        record.bytes_to_agent = outcome.bytes_to_agent;
+        record.bytes_to_client = outcome.bytes_to_client;
+        span.in_scope(|| tracing::info!(code = outcome.code, reason = %outcome.reason, "detached"));
+        record.finish(outcome.code, &outcome.reason);
+    });
+
+    let accept = derive_accept_key(key.as_bytes());
+    let mut r = Response::new(Body::empty());
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept)
+            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "bad Sec-WebSocket-Key"))?,
+    );
+    h.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(SUBPROTOCOL),
+    );
+    Ok(r)
+}
+
+/// The WebSocket to a session agent.
+pub type AgentSocket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Opens `ws://<endpoint>/attach` with the ticket and the protocol's subprotocol.
+pub async fn dial_agent(
+    endpoint: &str,
+    ticket: &str,
+    within: Duration,
+) -> Result<AgentSocket, String> {
+    let mut req = format!("ws://{endpoint}/attach")
+        .into_client_request()
+        .map_err(|e| e.to_string())?;
+    req.headers_mut().insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static(SUBPROTOCOL),
+    );
+    req.headers_mut().insert(
+        header::AUTHORIZATION,
+        HeaderValue::from_str(&format!("Bearer {ticket}")).map_err(|e| e.to_string())?,
+    );
+    let config = WebSocketConfig::default()
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(Some(tether_protocol::MAX_SERVER_FRAME + 1024))
+        .max_frame_size(Some(tether_protocol::MAX_SERVER_FRAME + 1024));
+    let (ws, _) = tokio::time::timeout(
+        within,
+        tokio_tungstenite::connect_async_with_config(req, Some(config), true),
+    )
+    .await
+    .map_err(|_| "timed out".to_owned())?
+    .map_err(|e| e.to_string())?;
+    Ok(ws)
+}
