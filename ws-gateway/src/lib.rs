@@ -18,6 +18,7 @@ pub mod proxy;
 pub mod server;
 pub mod sessions;
 pub mod signin;
+#[cfg(feature = "test-support")]
 pub mod test_backend;
 
 use std::future::Future;

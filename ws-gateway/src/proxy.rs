@@ -62,6 +62,25 @@ pub fn is_gateway_only(code: u16) -> bool {
     code == CloseCode::REVOKED.0 || code == CloseCode::SIGNED_OUT.0
 }
 
+/// Whether a WebSocket read failed because a message or frame was over the configured size, by
+/// the error's type: tungstenite's own (the agent socket) or wrapped in axum's (the client's).
+pub fn is_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if matches!(
+            e.downcast_ref::<tokio_tungstenite::tungstenite::Error>(),
+            Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
+        ) || matches!(
+            e.downcast_ref::<tungstenite_axum::Error>(),
+            Some(tungstenite_axum::Error::Capacity(_))
+        ) {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 /// Checks one client frame; `Err` is the close code and reason to end the connection with.
 pub fn check_client_frame(
     bytes: &[u8],
@@ -218,12 +237,11 @@ where
                     }
                     Some(Err(e)) => {
                         let e: BoxError = e.into();
-                        let text = e.to_string();
-                        if text.contains("Space limit") || text.contains("too long") || text.contains("Message too") {
+                        if is_too_large(&*e) {
                             end!(CloseCode::FRAME_TOO_LARGE.0, "frame too large".into());
                         }
                         let _ = a_tx.send(close_msg(1000, "client left the gateway")).await;
-                        out.reason = format!("client connection failed: {text}");
+                        out.reason = format!("client connection failed: {e}");
                         return out;
                     }
                     Some(Ok(Message::Binary(b))) => {

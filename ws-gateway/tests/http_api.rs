@@ -271,3 +271,42 @@ async fn each_attach_has_exactly_one_start_and_one_end_record_and_shutdown_says_
             .any(|e| e["closeCode"] == CloseCode::GOING_AWAY.0)
     );
 }
+
+/// axum's `WebSocketUpgrade` checks what the hand-rolled upgrade did not: a
+/// `Sec-WebSocket-Version` other than 13 is refused, where version 13 is upgraded.
+#[tokio::test]
+async fn an_upgrade_with_a_wrong_websocket_version_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start(&[]).await;
+    let head_for = |version: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let req = format!(
+            "GET /ws/{NS}/{SESSION} HTTP/1.1\r\nHost: x\r\nOrigin: {ORIGIN}\r\n\
+             Connection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n\
+             Sec-WebSocket-Protocol: tether.v1, {}\r\n\r\n",
+            tether_gateway::server::bearer_protocol(ALICE)
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(STEP, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let refused = head_for("8").await;
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    assert!(
+        refused.contains("expected a WebSocket upgrade"),
+        "{refused}"
+    );
+    let accepted = head_for("13").await;
+    assert!(accepted.starts_with("HTTP/1.1 101"), "{accepted}");
+    assert!(
+        accepted
+            .to_ascii_lowercase()
+            .contains("sec-websocket-protocol: tether.v1\r\n"),
+        "only tether.v1 is selected, the token is not echoed: {accepted}"
+    );
+}

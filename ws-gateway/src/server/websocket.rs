@@ -4,16 +4,17 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::body::Body;
+use axum::extract::ws::{self, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
 use axum::extract::{Path, Query, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::Response;
+use futures::{Sink, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
 use tether_protocol::SUBPROTOCOL;
 use tether_protocol::ticket::TicketRequest;
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
-use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
 use tracing::Instrument;
 
 use super::admission::{admit, credential_ends, parse_mode, reauthorize};
@@ -36,7 +37,8 @@ pub(crate) async fn websocket(
     State(gw): State<Arc<Gateway>>,
     Path((namespace, name)): Path<(String, String)>,
     Query(q): Query<WsQuery>,
-    mut req: Request,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    req: Request,
 ) -> Result<Response, ApiError> {
     let headers = req.headers().clone();
     let peer = peer_of(&req);
@@ -66,18 +68,18 @@ pub(crate) async fn websocket(
         ));
     }
     let protocols = offered_protocols(&headers);
-    let key = headers.get(header::SEC_WEBSOCKET_KEY).cloned();
-    let is_upgrade = headers
-        .get(header::UPGRADE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
-    let (Some(key), true) = (key, is_upgrade) else {
-        return Err(refuse(
+    // axum checks the method, `Connection`, `Upgrade`, `Sec-WebSocket-Key` and
+    // `Sec-WebSocket-Version: 13`.
+    let upgrade = upgrade.map_err(|e| {
+        refuse(
             &gw,
             "not_websocket",
-            ApiError::new(StatusCode::BAD_REQUEST, "expected a WebSocket upgrade"),
-        ));
-    };
+            ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("expected a WebSocket upgrade: {}", e.body_text()),
+            ),
+        )
+    })?;
     if !protocols.iter().any(|p| p == SUBPROTOCOL) {
         return Err(refuse(
             &gw,
@@ -156,12 +158,6 @@ pub(crate) async fn websocket(
             )
         })?;
 
-    let Some(on_upgrade) = req.extensions_mut().remove::<hyper::upgrade::OnUpgrade>() else {
-        return Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            "this connection cannot be upgraded",
-        ));
-    };
     let settings = ProxySettings {
         mode,
         max_frame_bytes: gw.config.args.max_frame_bytes,
@@ -170,24 +166,20 @@ pub(crate) async fn websocket(
     };
     let session_key = session.key();
     let gw2 = gw.clone();
-    gw.tasks.spawn(async move {
+    // Tracked from now, so a drain waits for connections still finishing their upgrade.
+    let tracked = gw.tasks.token();
+    // Small read buffers: an idle terminal is the common case, and tungstenite's default
+    // 128 KiB per socket would dominate the gateway's memory per connection. `tether.v1` is
+    // the only protocol selected: a bearer subprotocol is never echoed.
+    let upgrade = upgrade
+        .protocols([SUBPROTOCOL])
+        .read_buffer_size(READ_BUFFER)
+        .max_message_size(settings.max_frame_bytes * 2 + 1024)
+        .max_frame_size(settings.max_frame_bytes * 2 + 1024);
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        let _tracked = tracked;
         let _slot = slot;
-        let upgraded = match tokio::time::timeout(Duration::from_secs(10), on_upgrade).await {
-            Ok(Ok(u)) => u,
-            _ => return,
-        };
-        // Small read buffers: an idle terminal is the common case, and tungstenite's default
-        // 128 KiB per socket would dominate the gateway's memory per connection.
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(READ_BUFFER)
-            .max_message_size(Some(settings.max_frame_bytes * 2 + 1024))
-            .max_frame_size(Some(settings.max_frame_bytes * 2 + 1024));
-        let client = tokio_tungstenite::WebSocketStream::from_raw_socket(
-            hyper_util::rt::TokioIo::new(upgraded),
-            Role::Server,
-            Some(ws_config),
-        )
-        .await;
+        let client = client_socket(socket);
         let label = ModeLabel {
             mode: mode.as_str(),
         };
@@ -221,24 +213,44 @@ pub(crate) async fn websocket(
         record.bytes_to_client = outcome.bytes_to_client;
         span.in_scope(|| tracing::info!(code = outcome.code, reason = %outcome.reason, "detached"));
         record.finish(outcome.code, &outcome.reason);
-    });
+    }))
+}
 
-    let accept = derive_accept_key(key.as_bytes());
-    let mut r = Response::new(Body::empty());
-    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-    let h = r.headers_mut();
-    h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept)
-            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, "bad Sec-WebSocket-Key"))?,
-    );
-    h.insert(
-        header::SEC_WEBSOCKET_PROTOCOL,
-        HeaderValue::from_static(SUBPROTOCOL),
-    );
-    Ok(r)
+/// The client's WebSocket as a `Sink`/`Stream` of tungstenite messages, the proxy's currency.
+fn client_socket(
+    socket: WebSocket,
+) -> impl Sink<Message, Error = axum::Error> + Stream<Item = Result<Message, axum::Error>> + Unpin {
+    socket
+        .with(|m: Message| futures::future::ready(Ok::<_, axum::Error>(to_axum(m))))
+        .map(|r| r.map(from_axum))
+}
+
+fn to_axum(m: Message) -> ws::Message {
+    match m {
+        Message::Binary(b) => ws::Message::Binary(b),
+        Message::Text(t) => ws::Message::Text(t.as_str().into()),
+        Message::Ping(b) => ws::Message::Ping(b),
+        Message::Pong(b) => ws::Message::Pong(b),
+        Message::Close(f) => ws::Message::Close(f.map(|f| ws::CloseFrame {
+            code: f.code.into(),
+            reason: f.reason.as_str().into(),
+        })),
+        // Never produced by the proxy; tungstenite hides raw frames when reading.
+        Message::Frame(_) => ws::Message::Binary(Default::default()),
+    }
+}
+
+fn from_axum(m: ws::Message) -> Message {
+    match m {
+        ws::Message::Binary(b) => Message::Binary(b),
+        ws::Message::Text(t) => Message::Text(t.as_str().into()),
+        ws::Message::Ping(b) => Message::Ping(b),
+        ws::Message::Pong(b) => Message::Pong(b),
+        ws::Message::Close(f) => Message::Close(f.map(|f| CloseFrame {
+            code: f.code.into(),
+            reason: f.reason.as_str().into(),
+        })),
+    }
 }
 
 /// The WebSocket to a session agent.
