@@ -111,12 +111,13 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    /// Writes the end record (once).
-    pub fn finish(mut self, close_code: u16, close_reason: &str) {
-        self.end(close_code, close_reason);
+    /// Writes the end record (once). `ended_by` says who ended it: `client`, `agent`,
+    /// `gateway-revoke`, `gateway-sign-out`, `gateway-shutdown`, `gateway-protocol`.
+    pub fn finish(mut self, ended_by: &str, close_code: u16, close_reason: &str) {
+        self.end(ended_by, close_code, close_reason);
     }
 
-    fn end(&mut self, close_code: u16, close_reason: &str) {
+    fn end(&mut self, ended_by: &str, close_code: u16, close_reason: &str) {
         if self.done {
             return;
         }
@@ -133,6 +134,7 @@ impl AuditRecord {
             "bytesToAgent": self.bytes_to_agent,
             "bytesToClient": self.bytes_to_client,
             "durationMs": self.started.elapsed().as_millis(),
+            "endedBy": ended_by,
             "closeCode": close_code,
             "closeReason": close_reason,
         }));
@@ -141,6 +143,6 @@ impl AuditRecord {
 
 impl Drop for AuditRecord {
     fn drop(&mut self) {
-        self.end(1011, "connection task ended unexpectedly");
+        self.end("gateway-error", 1011, "connection task ended unexpectedly");
     }
 }

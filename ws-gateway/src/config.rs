@@ -162,6 +162,11 @@ pub struct Args {
     /// Time for a client to send its request headers, and then its first frame.
     #[arg(long, env = "TETHER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub handshake_timeout: Duration,
+    /// Longest the agent may take to answer the dial (TCP and WebSocket handshake) and to take
+    /// each message written to it; an agent slower than that is given up (`502` before the
+    /// upgrade, `4500` after). Revocation and shutdown never wait for it.
+    #[arg(long, env = "TETHER_AGENT_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub agent_timeout: Duration,
     /// A connection from which nothing (not even a pong) arrives for this long is closed.
     #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = "90s", value_parser = duration)]
     pub idle_timeout: Duration,

@@ -144,25 +144,30 @@ pub(crate) async fn websocket(
                 ),
             )
         })?;
-    let agent = dial_agent(&endpoint, &ticket, gw.config.args.handshake_timeout)
-        .await
-        .map_err(|e| {
-            tracing::warn!(%namespace, %name, %endpoint, error = %e, "cannot reach the agent");
-            refuse(
-                &gw,
-                "agent_unreachable",
-                ApiError::new(
-                    StatusCode::BAD_GATEWAY,
-                    format!("cannot reach the session agent: {e}"),
-                ),
-            )
-        })?;
+    // Bounded by --agent-timeout (an agent that accepts TCP and never answers) and by
+    // shutdown.
+    let dialed = tokio::select! {
+        r = dial_agent(&endpoint, &ticket, gw.config.args.agent_timeout) => r,
+        () = gw.shutdown.cancelled() => Err("the gateway is shutting down".to_owned()),
+    };
+    let agent = dialed.map_err(|e| {
+        tracing::warn!(%namespace, %name, %endpoint, error = %e, "cannot reach the agent");
+        refuse(
+            &gw,
+            "agent_unreachable",
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                format!("cannot reach the session agent: {e}"),
+            ),
+        )
+    })?;
 
     let settings = ProxySettings {
         mode,
         max_frame_bytes: gw.config.args.max_frame_bytes,
         handshake_timeout: gw.config.args.handshake_timeout,
         idle_timeout: gw.config.args.idle_timeout,
+        agent_send_timeout: gw.config.args.agent_timeout,
     };
     let session_key = session.key();
     let gw2 = gw.clone();
@@ -175,7 +180,11 @@ pub(crate) async fn websocket(
         .protocols([SUBPROTOCOL])
         .read_buffer_size(READ_BUFFER)
         .max_message_size(settings.max_frame_bytes * 2 + 1024)
-        .max_frame_size(settings.max_frame_bytes * 2 + 1024);
+        .max_frame_size(settings.max_frame_bytes * 2 + 1024)
+        // Each message is written out before the next is taken from the agent: nothing is
+        // gathered in the write buffer beyond the one message in flight.
+        .write_buffer_size(0)
+        .max_write_buffer_size(tether_protocol::MAX_SERVER_FRAME + 1024);
     Ok(upgrade.on_upgrade(move |socket| async move {
         let _tracked = tracked;
         let _slot = slot;
@@ -212,7 +221,7 @@ pub(crate) async fn websocket(
         record.bytes_to_agent = outcome.bytes_to_agent;
         record.bytes_to_client = outcome.bytes_to_client;
         span.in_scope(|| tracing::info!(code = outcome.code, reason = %outcome.reason, "detached"));
-        record.finish(outcome.code, &outcome.reason);
+        record.finish(outcome.ended_by.as_str(), outcome.code, &outcome.reason);
     }))
 }
 
@@ -277,7 +286,10 @@ pub async fn dial_agent(
     let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
         .max_message_size(Some(tether_protocol::MAX_SERVER_FRAME + 1024))
-        .max_frame_size(Some(tether_protocol::MAX_SERVER_FRAME + 1024));
+        .max_frame_size(Some(tether_protocol::MAX_SERVER_FRAME + 1024))
+        // Client frames are small (64 KiB); one at a time is written before the next is read.
+        .write_buffer_size(0)
+        .max_write_buffer_size(tether_protocol::MAX_CLIENT_FRAME * 2 + 1024);
     let (ws, _) = tokio::time::timeout(
         within,
         tokio_tungstenite::connect_async_with_config(req, Some(config), true),
