@@ -23,6 +23,13 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
+fn cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither a CIDR (10.0.0.0/8) nor an address"))
+}
+
 /// The Tether gateway: browser terminals for TerminalSessions, authorized by Kubernetes RBAC.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "tether-gateway", version)]
@@ -30,6 +37,21 @@ pub struct Args {
     /// Address to listen on (plain HTTP; terminate TLS in front, or use --insecure-cookies on localhost).
     #[arg(long, env = "TETHER_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
+    /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`. All interfaces by
+    /// default, so that kubelet probes and Prometheus reach it on the pod IP; it is a port of
+    /// its own that the Service for users and the Ingress do not route.
+    #[arg(long, env = "TETHER_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+    /// Proxies (CIDRs, or single addresses) whose `X-Forwarded-For` is believed: when the TCP
+    /// peer is one of them, the client is the rightmost address in the header that is not. From
+    /// any other peer the header is ignored. Default: none.
+    #[arg(
+        long = "trusted-proxies",
+        env = "TETHER_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_parser = cidr
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// An Origin allowed to open WebSockets and post to the API, matched exactly (repeatable).
     #[arg(
         long = "allowed-origin",
@@ -156,7 +178,8 @@ pub struct Args {
     /// Open terminal connections per user.
     #[arg(long, env = "TETHER_MAX_CONNECTIONS_PER_USER", default_value_t = 16)]
     pub max_connections_per_user: usize,
-    /// WebSocket handshakes per second per source address (bursts of twice that).
+    /// WebSocket handshakes (and sign-in starts, status checks) per second per client address
+    /// before authentication, and per user after (bursts of twice that).
     #[arg(long, env = "TETHER_HANDSHAKE_RATE", default_value_t = 20)]
     pub handshake_rate: u32,
     /// Time for a client to send its request headers, and then its first frame.

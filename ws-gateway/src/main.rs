@@ -23,6 +23,9 @@ async fn main() -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(config.args.listen)
         .await
         .map_err(Error::Listen)?;
+    let admin = tokio::net::TcpListener::bind(config.args.admin_listen)
+        .await
+        .map_err(Error::Listen)?;
     let idx = index::Index::shared();
     let sessions: tether_gateway::sessions::SharedStore = match config.args.session_store.as_str() {
         "memory" => Arc::new(tether_gateway::sessions::MemoryStore::default()),
@@ -42,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
         },
         audit,
     );
-    tether_gateway::run(gw, listener, shutdown_signal()).await?;
+    tether_gateway::run(gw, listener, admin, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
@@ -18,7 +18,7 @@ use super::credentials::{
     SESSION_COOKIE, bearer_header, cookie_header, cookies_named, principal, principal_of_request,
     seal, session_id, start_session, unseal, user_from_request,
 };
-use super::{ApiError, Peer, peer_of};
+use super::{ApiError, ClientAddr};
 use crate::Gateway;
 use crate::authn::{AuthError, Via};
 use crate::limits::origin_allowed;
@@ -192,7 +192,7 @@ pub(crate) struct LoginQuery {
 pub(crate) async fn signin_begin(
     State(gw): State<Arc<Gateway>>,
     Query(q): Query<LoginQuery>,
-    req: Request,
+    ClientAddr(client): ClientAddr,
 ) -> Response {
     let Some(signin) = &gw.signin else {
         return signin_error(
@@ -201,7 +201,7 @@ pub(crate) async fn signin_begin(
         );
     };
     // Each start costs a discovery lookup and a cookie: the per-address budget of handshakes.
-    if !gw.rate.check(peer_of(&req).ip()) {
+    if !gw.rate.check(client) {
         return signin_error(
             StatusCode::TOO_MANY_REQUESTS,
             "too many sign-in attempts: slow down",
@@ -247,7 +247,8 @@ pub(crate) async fn signin_begin(
 pub(crate) async fn signin_callback(
     State(gw): State<Arc<Gateway>>,
     Query(q): Query<CallbackQuery>,
-    req: Request,
+    ClientAddr(client): ClientAddr,
+    headers: HeaderMap,
 ) -> Response {
     let (Some(signin), Some(oidc)) = (&gw.signin, &gw.authn.oidc) else {
         return signin_error(
@@ -255,7 +256,7 @@ pub(crate) async fn signin_callback(
             "this gateway has no identity provider configured",
         );
     };
-    if !gw.rate.check(peer_of(&req).ip()) {
+    if !gw.rate.check(client) {
         return signin_error(
             StatusCode::TOO_MANY_REQUESTS,
             "too many sign-in attempts: slow down",
@@ -263,7 +264,7 @@ pub(crate) async fn signin_callback(
     }
     let cookie_name = q.state.as_deref().map(state_cookie_name);
     let pending: Option<PendingSignIn> = cookie_name.as_ref().and_then(|name| {
-        cookies_named(req.headers(), name)
+        cookies_named(&headers, name)
             .find_map(|v| unseal(&gw, name, v))
             .and_then(|json| serde_json::from_str(&json).ok())
     });
@@ -326,10 +327,10 @@ pub(crate) async fn signin_done() -> Response {
 
 pub(crate) async fn whoami(
     State(gw): State<Arc<Gateway>>,
-    peer: Option<axum::Extension<Peer>>,
+    client: ClientAddr,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let p = principal_of_request(&gw, &headers, peer).await?;
+    let p = principal_of_request(&gw, &headers, client).await?;
     let expires_at = p.expires_at.map(|t| {
         jiff::Timestamp::try_from(t)
             .map(|t| t.to_string())
@@ -354,11 +355,11 @@ pub(crate) struct SessionsQuery {
 
 pub(crate) async fn sessions(
     State(gw): State<Arc<Gateway>>,
-    peer: Option<axum::Extension<Peer>>,
+    client: ClientAddr,
     headers: HeaderMap,
     Query(q): Query<SessionsQuery>,
 ) -> Result<Response, ApiError> {
-    let user = user_from_request(&gw, &headers, peer).await?;
+    let user = user_from_request(&gw, &headers, client).await?;
     let list = gw
         .index
         .read()
@@ -418,18 +419,25 @@ pub(crate) async fn session_status(
     State(gw): State<Arc<Gateway>>,
     Path((namespace, name)): Path<(String, String)>,
     Query(q): Query<SessionQuery>,
-    req: Request,
+    ClientAddr(client): ClientAddr,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    // Each answer may cost a SubjectAccessReview: the same per-address budget as handshakes.
-    if !gw.rate.check(peer_of(&req).ip()) {
-        return Err(ApiError::new(
+    // Each answer may cost a SubjectAccessReview: the same budget as handshakes, the user's
+    // once authenticated, else the client address's.
+    let too_many = || {
+        ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too many requests: slow down",
-        ));
+        )
+    };
+    let user = match principal(&gw, &headers, bearer_header(&headers)).await {
+        Ok(p) => p.user,
+        Err(_) if !gw.rate.check(client) => return Err(too_many()),
+        Err(e) => return Err(e),
+    };
+    if !gw.rate.check_user(&user.user) {
+        return Err(too_many());
     }
-    let user = principal(&gw, req.headers(), bearer_header(req.headers()))
-        .await?
-        .user;
     let mode = parse_mode(q.mode.as_deref())?;
     let (session, _) = admit(&gw, &user, &namespace, &name, mode)
         .await

@@ -7,7 +7,7 @@ use std::time::Duration;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use base64::Engine as _;
 
-use super::{ApiError, Peer};
+use super::{ApiError, ClientAddr};
 use crate::Gateway;
 use crate::authn::{AuthError, Credential, UserInfo, Via};
 use crate::sessions::{BrowserSession, SessionKey, Versioned, now_secs};
@@ -244,9 +244,9 @@ pub(crate) async fn principal(
 pub(crate) async fn user_from_request(
     gw: &Gateway,
     headers: &HeaderMap,
-    peer: Option<axum::Extension<Peer>>,
+    client: ClientAddr,
 ) -> Result<UserInfo, ApiError> {
-    Ok(principal_of_request(gw, headers, peer).await?.user)
+    Ok(principal_of_request(gw, headers, client).await?.user)
 }
 
 /// [`principal`] for the JSON API. A bearer token that no cache knows may cost a TokenReview:
@@ -255,14 +255,10 @@ pub(crate) async fn user_from_request(
 pub(crate) async fn principal_of_request(
     gw: &Gateway,
     headers: &HeaderMap,
-    peer: Option<axum::Extension<Peer>>,
+    ClientAddr(addr): ClientAddr,
 ) -> Result<Principal, ApiError> {
     let bearer = bearer_header(headers);
-    if bearer.is_some()
-        && session_id(gw, headers).is_none()
-        && let Some(axum::Extension(Peer(addr))) = peer
-        && !gw.rate.check(addr.ip())
-    {
+    if bearer.is_some() && session_id(gw, headers).is_none() && !gw.rate.check(addr) {
         return Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too many requests: slow down",

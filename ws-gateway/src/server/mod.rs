@@ -9,12 +9,12 @@
 //! - [`admission`]: whether a user may open a session now, and what ends an open connection;
 //! - [`websocket`]: the upgrade, the agent dial and the proxied connection.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::Request;
+use axum::extract::FromRequestParts;
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -91,6 +91,15 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/ws/{namespace}/{name}", get(websocket::websocket))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(api::readyz))
+        .with_state(gw)
+}
+
+/// The admin listener's routes (`--admin-listen`): metrics and the probes, on a port of their
+/// own that the Ingress does not expose. The public port answers `/metrics` with 404.
+pub fn admin_router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(api::readyz))
         .route("/metrics", get(api::metrics))
         .with_state(gw)
 }
@@ -101,9 +110,35 @@ pub(crate) fn refuse(gw: &Gateway, reason: &'static str, e: ApiError) -> ApiErro
 }
 
 /// The client's address, as the accept loop recorded it (0.0.0.0 when served some other way).
-pub(crate) fn peer_of(req: &Request) -> SocketAddr {
-    req.extensions()
+pub(crate) fn peer_of(req: &http::request::Parts) -> SocketAddr {
+    req.extensions
         .get::<Peer>()
         .map(|p| p.0)
         .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// The client's address ([`crate::limits::client_address`]): the socket peer, or, when that is
+/// one of `--trusted-proxies`, the address the proxies saw in `X-Forwarded-For`.
+#[derive(Debug, Clone, Copy)]
+pub struct ClientAddr(pub IpAddr);
+
+impl FromRequestParts<Arc<Gateway>> for ClientAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut http::request::Parts,
+        gw: &Arc<Gateway>,
+    ) -> Result<Self, Self::Rejection> {
+        let forwarded: Vec<&str> = parts
+            .headers
+            .get_all("x-forwarded-for")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        Ok(ClientAddr(crate::limits::client_address(
+            peer_of(parts).ip(),
+            &forwarded,
+            &gw.config.args.trusted_proxies,
+        )))
+    }
 }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{self, WebSocket, WebSocketUpgrade, rejection::WebSocketUpgradeRejection};
-use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use futures::{Sink, SinkExt, Stream, StreamExt};
 use serde::Deserialize;
@@ -19,7 +19,7 @@ use tracing::Instrument;
 
 use super::admission::{admit, credential_ends, parse_mode, reauthorize};
 use super::credentials::{Principal, bearer_protocol_token, offered_protocols, principal};
-use super::{ApiError, peer_of, refuse};
+use super::{ApiError, ClientAddr, refuse};
 use crate::Gateway;
 use crate::limits::origin_allowed;
 use crate::metrics::ModeLabel;
@@ -38,12 +38,10 @@ pub(crate) async fn websocket(
     Path((namespace, name)): Path<(String, String)>,
     Query(q): Query<WsQuery>,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
-    req: Request,
+    ClientAddr(address): ClientAddr,
+    headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let headers = req.headers().clone();
-    let peer = peer_of(&req);
-
-    // Cheap refusals first: origin and rate cost nothing to check.
+    // Cheap refusals first: they cost nothing to check.
     let origin = headers
         .get(header::ORIGIN)
         .map(|o| o.to_str().unwrap_or("null"));
@@ -57,16 +55,16 @@ pub(crate) async fn websocket(
             ),
         ));
     }
-    if !gw.rate.check(peer.ip()) {
-        return Err(refuse(
-            &gw,
+    let rate_limited = |gw: &Gateway| {
+        refuse(
+            gw,
             "rate_limited",
             ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "too many connection attempts: slow down",
             ),
-        ));
-    }
+        )
+    };
     let protocols = offered_protocols(&headers);
     // axum checks the method, `Connection`, `Upgrade`, `Sec-WebSocket-Key` and
     // `Sec-WebSocket-Version: 13`.
@@ -93,19 +91,29 @@ pub(crate) async fn websocket(
     let mode = parse_mode(q.mode.as_deref()).map_err(|e| refuse(&gw, "bad_request", e))?;
 
     // A bearer subprotocol (CLI) wins over the cookie: it is what the client chose to send.
+    // The handshake budget is the user's once authenticated, so a flood without a credential
+    // (which spends its client address's budget) cannot lock a signed-in user out.
     let bearer = bearer_protocol_token(&protocols);
-    let principal = match bearer {
+    let authenticated = match bearer {
         Some(token) => gw
             .authn
             .authenticate(&token)
             .await
             .map(Principal::from_bearer)
-            .map_err(|e| refuse(&gw, e.label(), e.into()))?,
+            .map_err(|e| (e.label(), ApiError::from(e))),
         None => principal(&gw, &headers, None)
             .await
-            .map_err(|e| refuse(&gw, "no_token", e))?,
+            .map_err(|e| ("no_token", e)),
+    };
+    let principal = match authenticated {
+        Ok(p) => p,
+        Err(_) if !gw.rate.check(address) => return Err(rate_limited(&gw)),
+        Err((label, e)) => return Err(refuse(&gw, label, e)),
     };
     let user = principal.user.clone();
+    if !gw.rate.check_user(&user.user) {
+        return Err(rate_limited(&gw));
+    }
     let (session, endpoint) = admit(&gw, &user, &namespace, &name, mode)
         .await
         .map_err(|(reason, e)| refuse(&gw, reason, e))?;
@@ -196,7 +204,7 @@ pub(crate) async fn websocket(
         gw2.metrics.connections_total.get_or_create(&label).inc();
         let mut record = gw2
             .audit
-            .start(&user, &session_key, mode.as_str(), &peer.to_string());
+            .start(&user, &session_key, mode.as_str(), &address.to_string());
         let span = tracing::info_span!("connection", user = %user.user, session = %session_key, mode = mode.as_str());
         tracing::info!(parent: &span, "attached");
         let revoked = reauthorize(gw2.clone(), user.clone(), namespace, name, mode);
