@@ -1,4 +1,5 @@
-//! The audit log: one JSON line when an attach starts and exactly one when it ends.
+//! The audit log: one JSON line when an attach starts and exactly one when it ends (saying who
+//! ended it), and one for every refused attempt.
 //!
 //! The end record is written by [`AuditRecord`]'s `Drop` if the connection task did not write it,
 //! so a panic or a cancelled task still leaves one.
@@ -52,6 +53,33 @@ impl AuditLog {
         if let Err(e) = out.write_all(line.as_bytes()).and_then(|()| out.flush()) {
             tracing::error!(error = %e, "cannot write the audit log");
         }
+    }
+
+    /// Writes a refused attempt: the HTTP status and reason label of the refusal, the words the
+    /// client read, who (when authenticated) and from where.
+    #[allow(clippy::too_many_arguments)]
+    pub fn refused(
+        &self,
+        user: Option<&UserInfo>,
+        session: &str,
+        mode: &str,
+        source: &str,
+        status: u16,
+        reason: &str,
+        error: &str,
+    ) {
+        self.write(json!({
+            "event": "refused",
+            "time": now_millis(),
+            "user": user.map(|u| u.user.as_str()),
+            "groups": user.map(|u| &u.groups),
+            "session": session,
+            "mode": mode,
+            "source": source,
+            "status": status,
+            "reason": reason,
+            "error": error,
+        }));
     }
 
     /// Writes the start record and returns the guard that writes the end record.

@@ -320,3 +320,74 @@ async fn an_upgrade_with_a_wrong_websocket_version_is_refused() {
         "only tether.v1 is selected, the token is not echoed: {accepted}"
     );
 }
+
+/// Refused attempts are audited with their status, reason, who (once known) and from where.
+#[tokio::test]
+async fn refused_attempts_are_audited_with_reason_who_and_where() {
+    let gw = TestGateway::start(&["--handshake-rate=2"]).await;
+    let at = |p: &str| format!("/ws/{NS}/{p}");
+    assert_eq!(
+        gw.ws(&at(SESSION), Some(ORIGIN), None).await.unwrap_err().0,
+        401
+    );
+    assert_eq!(
+        gw.ws(&at(SESSION), Some(ORIGIN), Some(CAROL))
+            .await
+            .unwrap_err()
+            .0,
+        403
+    );
+    assert_eq!(
+        gw.ws(
+            &format!("{}?mode=attach", at(SESSION)),
+            Some(ORIGIN),
+            Some(BOB)
+        )
+        .await
+        .unwrap_err()
+        .0,
+        403
+    );
+    // Until the user's budget (burst of 4) is spent: bob's is, alice's is not.
+    let mut limited = false;
+    for _ in 0..6 {
+        if gw
+            .ws(&at(SESSION), Some(ORIGIN), Some(BOB))
+            .await
+            .unwrap_err()
+            .0
+            == 429
+        {
+            limited = true;
+        }
+    }
+    assert!(limited);
+    let refused: Vec<_> = gw
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "refused")
+        .collect();
+    let first = &refused[0];
+    assert_eq!(first["status"], 401, "{first}");
+    assert_eq!(first["user"], serde_json::Value::Null, "{first}");
+    assert_eq!(first["source"], "127.0.0.1", "{first}");
+    assert_eq!(first["session"], format!("{NS}/{SESSION}"), "{first}");
+    assert_eq!(refused[1]["status"], 403);
+    assert_eq!(refused[1]["user"], "carol");
+    assert_eq!(refused[1]["reason"], "forbidden");
+    assert!(
+        refused[1]["error"].as_str().unwrap().contains("may not"),
+        "{}",
+        refused[1]
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|r| r["status"] == 429 && r["user"] == "bob" && r["reason"] == "rate_limited"),
+        "{refused:?}"
+    );
+    assert!(
+        !gw.audit_lines().iter().any(|l| l["event"] == "attach"),
+        "nothing was admitted"
+    );
+}

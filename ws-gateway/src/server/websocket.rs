@@ -19,8 +19,9 @@ use tracing::Instrument;
 
 use super::admission::{admit, credential_ends, parse_mode, reauthorize};
 use super::credentials::{Principal, bearer_protocol_token, offered_protocols, principal};
-use super::{ApiError, ClientAddr, refuse};
+use super::{ApiError, ClientAddr};
 use crate::Gateway;
+use crate::authn::UserInfo;
 use crate::limits::origin_allowed;
 use crate::metrics::ModeLabel;
 use crate::proxy::{ProxySettings, proxy};
@@ -41,6 +42,23 @@ pub(crate) async fn websocket(
     ClientAddr(address): ClientAddr,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
+    // Every refusal is counted and written to the audit log with who (once known), the client
+    // address, the status and the reason.
+    let who: std::sync::Mutex<Option<UserInfo>> = std::sync::Mutex::new(None);
+    let attempted = format!("{namespace}/{name}");
+    let refuse = |gw: &Gateway, reason: &'static str, e: ApiError| -> ApiError {
+        let user = who.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        gw.audit.refused(
+            user.as_ref(),
+            &attempted,
+            q.mode.as_deref().unwrap_or("attach"),
+            &address.to_string(),
+            e.status.as_u16(),
+            reason,
+            e.body["error"].as_str().unwrap_or(""),
+        );
+        super::refuse(gw, reason, e)
+    };
     // Cheap refusals first: they cost nothing to check.
     let origin = headers
         .get(header::ORIGIN)
@@ -111,6 +129,7 @@ pub(crate) async fn websocket(
         Err((label, e)) => return Err(refuse(&gw, label, e)),
     };
     let user = principal.user.clone();
+    *who.lock().unwrap_or_else(|p| p.into_inner()) = Some(user.clone());
     if !gw.rate.check_user(&user.user) {
         return Err(rate_limited(&gw));
     }
