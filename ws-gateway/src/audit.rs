@@ -16,6 +16,9 @@ use crate::authn::UserInfo;
 #[derive(Clone)]
 pub struct AuditLog {
     out: Arc<Mutex<Box<dyn Write + Send>>>,
+    /// Where open attaches are kept so that a killed gateway's are closed by another
+    /// ([`crate::ledger`]); unset without Kubernetes (tests, `--pod-name` unset).
+    ledger: Arc<std::sync::OnceLock<crate::ledger::Ledger>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -28,6 +31,7 @@ impl AuditLog {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
         Self {
             out: Arc::new(Mutex::new(out)),
+            ledger: Arc::default(),
         }
     }
 
@@ -82,8 +86,32 @@ impl AuditLog {
         }));
     }
 
-    /// Writes the start record and returns the guard that writes the end record.
-    pub fn start(
+    /// Keeps open attaches in `ledger` from now on.
+    pub fn set_ledger(&self, ledger: crate::ledger::Ledger) {
+        let _ = self.ledger.set(ledger);
+    }
+
+    /// The end record of an attach whose gateway ended without writing it (from the ledger).
+    pub fn orphan_end(&self, id: &str, start: &serde_json::Value, reason: &str) {
+        self.write(json!({
+            "event": "detach",
+            "time": now_millis(),
+            "id": id,
+            "user": start["user"],
+            "groups": start["groups"],
+            "session": start["session"],
+            "mode": start["mode"],
+            "source": start["source"],
+            "durationMs": (now_millis() as u64).saturating_sub(start["time"].as_u64().unwrap_or(0)),
+            "endedBy": "gateway-crash",
+            "closeCode": 1006,
+            "closeReason": reason,
+        }));
+    }
+
+    /// Writes the start record (after entering it in the ledger, when there is one) and
+    /// returns the guard that writes the end record.
+    pub async fn start(
         &self,
         user: &UserInfo,
         session: &str,
@@ -91,7 +119,7 @@ impl AuditLog {
         source: &str,
     ) -> AuditRecord {
         let id = format!("{:032x}", rand::random::<u128>());
-        self.write(json!({
+        let start = json!({
             "event": "attach",
             "time": now_millis(),
             "id": id,
@@ -100,8 +128,14 @@ impl AuditLog {
             "session": session,
             "mode": mode,
             "source": source,
-        }));
+        });
+        let ledger = self.ledger.get().cloned();
+        if let Some(l) = &ledger {
+            l.open(&id, start.clone()).await;
+        }
+        self.write(start);
         AuditRecord {
+            ledger,
             log: self.clone(),
             id,
             user: user.clone(),
@@ -126,6 +160,7 @@ fn now_millis() -> u128 {
 /// One attach in progress.
 #[derive(Debug)]
 pub struct AuditRecord {
+    ledger: Option<crate::ledger::Ledger>,
     log: AuditLog,
     id: String,
     user: UserInfo,
@@ -166,6 +201,9 @@ impl AuditRecord {
             "closeCode": close_code,
             "closeReason": close_reason,
         }));
+        if let Some(l) = &self.ledger {
+            l.close(&self.id);
+        }
     }
 }
 

@@ -206,6 +206,14 @@ pub struct Args {
     /// 4411 "access revoked". `0s` checks only at the upgrade.
     #[arg(long, env = "TETHER_REAUTHORIZE_EVERY", default_value = "30s", value_parser = duration)]
     pub reauthorize_every: Duration,
+    /// This gateway's pod (the downward API's `metadata.name`). With it, open attaches are kept
+    /// in a ConfigMap `tether-gateway-attaches-<pod>` in `--session-namespace`, so that if this
+    /// process is killed another (or its own next start) writes their end records.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// How often every gateway looks for the attach ledgers of gateways that are gone.
+    #[arg(long, env = "TETHER_ATTACH_LEDGER_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub attach_ledger_interval: Duration,
     /// On shutdown, how long to wait for connections to close after telling them to reconnect.
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub drain_timeout: Duration,

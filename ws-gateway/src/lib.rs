@@ -12,6 +12,7 @@ pub mod authn;
 pub mod authz;
 pub mod config;
 pub mod index;
+pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;

@@ -223,7 +223,8 @@ pub(crate) async fn websocket(
         gw2.metrics.connections_total.get_or_create(&label).inc();
         let mut record = gw2
             .audit
-            .start(&user, &session_key, mode.as_str(), &address.to_string());
+            .start(&user, &session_key, mode.as_str(), &address.to_string())
+            .await;
         let span = tracing::info_span!("connection", user = %user.user, session = %session_key, mode = mode.as_str());
         tracing::info!(parent: &span, "attached");
         let revoked = reauthorize(gw2.clone(), user.clone(), namespace, name, mode);
