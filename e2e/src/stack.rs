@@ -182,6 +182,8 @@ impl Stack {
         let port = self.gateway_port;
         let args = vec![
             format!("--listen=127.0.0.1:{port}"),
+            // Metrics and probes have a listener of their own; any free loopback port here.
+            "--admin-listen=127.0.0.1:0".to_string(),
             format!(
                 "--ticket-signing-key-file={}",
                 self.dir.join("ticket-signing.pem").display()

@@ -83,6 +83,10 @@ codes! {
 }
 
 impl CloseCode {
+    /// Codes only the gateway sends, never an agent: a gateway relays an agent's close with one
+    /// of these as [`CloseCode::INTERNAL`], so an agent cannot speak for the gateway.
+    pub const GATEWAY_ONLY: &'static [CloseCode] = &[CloseCode::REVOKED, CloseCode::SIGNED_OUT];
+
     /// The close code for a frame the decoder rejected.
     pub fn for_decode_error(e: &DecodeError) -> CloseCode {
         match e {

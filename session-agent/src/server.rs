@@ -607,8 +607,12 @@ async fn send_output(
 }
 
 fn recv_error_code(e: &axum::Error) -> CloseCode {
-    let text = e.to_string();
-    if text.contains("too long") || text.contains("Space limit") {
+    // By type, not by text: axum wraps tungstenite's error, whose `Capacity` is a message or
+    // frame over the configured size.
+    let too_large = std::error::Error::source(e)
+        .and_then(|inner| inner.downcast_ref::<tungstenite_axum::Error>())
+        .is_some_and(|t| matches!(t, tungstenite_axum::Error::Capacity(_)));
+    if too_large {
         CloseCode::FRAME_TOO_LARGE
     } else {
         CloseCode::BAD_FRAME

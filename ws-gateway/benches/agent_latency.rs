@@ -164,7 +164,13 @@ async fn main() {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway = listener.local_addr().unwrap();
-    tokio::spawn(tether_gateway::run(gw, listener, std::future::pending()));
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tokio::spawn(tether_gateway::run(
+        gw,
+        listener,
+        admin,
+        std::future::pending(),
+    ));
     // Wait for tmux.
     tokio::time::sleep(Duration::from_secs(1)).await;
 

@@ -147,7 +147,13 @@ async fn setup() -> Setup {
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let gateway = listener.local_addr().unwrap();
-    tokio::spawn(tether_gateway::run(gw, listener, std::future::pending()));
+    let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    tokio::spawn(tether_gateway::run(
+        gw,
+        listener,
+        admin,
+        std::future::pending(),
+    ));
     std::mem::forget(dir);
     Setup {
         gateway,

@@ -1,4 +1,5 @@
-//! The audit log: one JSON line when an attach starts and exactly one when it ends.
+//! The audit log: one JSON line when an attach starts and exactly one when it ends (saying who
+//! ended it), and one for every refused attempt.
 //!
 //! The end record is written by [`AuditRecord`]'s `Drop` if the connection task did not write it,
 //! so a panic or a cancelled task still leaves one.
@@ -15,6 +16,9 @@ use crate::authn::UserInfo;
 #[derive(Clone)]
 pub struct AuditLog {
     out: Arc<Mutex<Box<dyn Write + Send>>>,
+    /// Where open attaches are kept so that a killed gateway's are closed by another
+    /// ([`crate::ledger`]); unset without Kubernetes (tests, `--pod-name` unset).
+    ledger: Arc<std::sync::OnceLock<crate::ledger::Ledger>>,
 }
 
 impl std::fmt::Debug for AuditLog {
@@ -27,6 +31,7 @@ impl AuditLog {
     pub fn new(out: Box<dyn Write + Send>) -> Self {
         Self {
             out: Arc::new(Mutex::new(out)),
+            ledger: Arc::default(),
         }
     }
 
@@ -54,8 +59,59 @@ impl AuditLog {
         }
     }
 
-    /// Writes the start record and returns the guard that writes the end record.
-    pub fn start(
+    /// Writes a refused attempt: the HTTP status and reason label of the refusal, the words the
+    /// client read, who (when authenticated) and from where.
+    #[allow(clippy::too_many_arguments)]
+    pub fn refused(
+        &self,
+        user: Option<&UserInfo>,
+        session: &str,
+        mode: &str,
+        source: &str,
+        status: u16,
+        reason: &str,
+        error: &str,
+    ) {
+        self.write(json!({
+            "event": "refused",
+            "time": now_millis(),
+            "user": user.map(|u| u.user.as_str()),
+            "groups": user.map(|u| &u.groups),
+            "session": session,
+            "mode": mode,
+            "source": source,
+            "status": status,
+            "reason": reason,
+            "error": error,
+        }));
+    }
+
+    /// Keeps open attaches in `ledger` from now on.
+    pub fn set_ledger(&self, ledger: crate::ledger::Ledger) {
+        let _ = self.ledger.set(ledger);
+    }
+
+    /// The end record of an attach whose gateway ended without writing it (from the ledger).
+    pub fn orphan_end(&self, id: &str, start: &serde_json::Value, reason: &str) {
+        self.write(json!({
+            "event": "detach",
+            "time": now_millis(),
+            "id": id,
+            "user": start["user"],
+            "groups": start["groups"],
+            "session": start["session"],
+            "mode": start["mode"],
+            "source": start["source"],
+            "durationMs": (now_millis() as u64).saturating_sub(start["time"].as_u64().unwrap_or(0)),
+            "endedBy": "gateway-crash",
+            "closeCode": 1006,
+            "closeReason": reason,
+        }));
+    }
+
+    /// Writes the start record (after entering it in the ledger, when there is one) and
+    /// returns the guard that writes the end record.
+    pub async fn start(
         &self,
         user: &UserInfo,
         session: &str,
@@ -63,7 +119,7 @@ impl AuditLog {
         source: &str,
     ) -> AuditRecord {
         let id = format!("{:032x}", rand::random::<u128>());
-        self.write(json!({
+        let start = json!({
             "event": "attach",
             "time": now_millis(),
             "id": id,
@@ -72,8 +128,14 @@ impl AuditLog {
             "session": session,
             "mode": mode,
             "source": source,
-        }));
+        });
+        let ledger = self.ledger.get().cloned();
+        if let Some(l) = &ledger {
+            l.open(&id, start.clone()).await;
+        }
+        self.write(start);
         AuditRecord {
+            ledger,
             log: self.clone(),
             id,
             user: user.clone(),
@@ -98,6 +160,7 @@ fn now_millis() -> u128 {
 /// One attach in progress.
 #[derive(Debug)]
 pub struct AuditRecord {
+    ledger: Option<crate::ledger::Ledger>,
     log: AuditLog,
     id: String,
     user: UserInfo,
@@ -111,12 +174,13 @@ pub struct AuditRecord {
 }
 
 impl AuditRecord {
-    /// Writes the end record (once).
-    pub fn finish(mut self, close_code: u16, close_reason: &str) {
-        self.end(close_code, close_reason);
+    /// Writes the end record (once). `ended_by` says who ended it: `client`, `agent`,
+    /// `gateway-revoke`, `gateway-sign-out`, `gateway-shutdown`, `gateway-protocol`.
+    pub fn finish(mut self, ended_by: &str, close_code: u16, close_reason: &str) {
+        self.end(ended_by, close_code, close_reason);
     }
 
-    fn end(&mut self, close_code: u16, close_reason: &str) {
+    fn end(&mut self, ended_by: &str, close_code: u16, close_reason: &str) {
         if self.done {
             return;
         }
@@ -133,14 +197,18 @@ impl AuditRecord {
             "bytesToAgent": self.bytes_to_agent,
             "bytesToClient": self.bytes_to_client,
             "durationMs": self.started.elapsed().as_millis(),
+            "endedBy": ended_by,
             "closeCode": close_code,
             "closeReason": close_reason,
         }));
+        if let Some(l) = &self.ledger {
+            l.close(&self.id);
+        }
     }
 }
 
 impl Drop for AuditRecord {
     fn drop(&mut self) {
-        self.end(1011, "connection task ended unexpectedly");
+        self.end("gateway-error", 1011, "connection task ended unexpectedly");
     }
 }

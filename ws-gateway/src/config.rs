@@ -23,6 +23,13 @@ fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 
+fn cidr(s: &str) -> Result<ipnet::IpNet, String> {
+    let s = s.trim();
+    s.parse::<ipnet::IpNet>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+        .map_err(|_| format!("{s:?} is neither a CIDR (10.0.0.0/8) nor an address"))
+}
+
 /// The Tether gateway: browser terminals for TerminalSessions, authorized by Kubernetes RBAC.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "tether-gateway", version)]
@@ -30,6 +37,21 @@ pub struct Args {
     /// Address to listen on (plain HTTP; terminate TLS in front, or use --insecure-cookies on localhost).
     #[arg(long, env = "TETHER_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
+    /// Address of the admin listener: `/metrics`, `/healthz`, `/readyz`. All interfaces by
+    /// default, so that kubelet probes and Prometheus reach it on the pod IP; it is a port of
+    /// its own that the Service for users and the Ingress do not route.
+    #[arg(long, env = "TETHER_ADMIN_LISTEN", default_value = "0.0.0.0:9090")]
+    pub admin_listen: SocketAddr,
+    /// Proxies (CIDRs, or single addresses) whose `X-Forwarded-For` is believed: when the TCP
+    /// peer is one of them, the client is the rightmost address in the header that is not. From
+    /// any other peer the header is ignored. Default: none.
+    #[arg(
+        long = "trusted-proxies",
+        env = "TETHER_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        value_parser = cidr
+    )]
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// An Origin allowed to open WebSockets and post to the API, matched exactly (repeatable).
     #[arg(
         long = "allowed-origin",
@@ -156,12 +178,18 @@ pub struct Args {
     /// Open terminal connections per user.
     #[arg(long, env = "TETHER_MAX_CONNECTIONS_PER_USER", default_value_t = 16)]
     pub max_connections_per_user: usize,
-    /// WebSocket handshakes per second per source address (bursts of twice that).
+    /// WebSocket handshakes (and sign-in starts, status checks) per second per client address
+    /// before authentication, and per user after (bursts of twice that).
     #[arg(long, env = "TETHER_HANDSHAKE_RATE", default_value_t = 20)]
     pub handshake_rate: u32,
     /// Time for a client to send its request headers, and then its first frame.
     #[arg(long, env = "TETHER_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub handshake_timeout: Duration,
+    /// Longest the agent may take to answer the dial (TCP and WebSocket handshake) and to take
+    /// each message written to it; an agent slower than that is given up (`502` before the
+    /// upgrade, `4500` after). Revocation and shutdown never wait for it.
+    #[arg(long, env = "TETHER_AGENT_TIMEOUT", default_value = "10s", value_parser = duration)]
+    pub agent_timeout: Duration,
     /// A connection from which nothing (not even a pong) arrives for this long is closed.
     #[arg(long, env = "TETHER_IDLE_TIMEOUT", default_value = "90s", value_parser = duration)]
     pub idle_timeout: Duration,
@@ -178,6 +206,14 @@ pub struct Args {
     /// 4411 "access revoked". `0s` checks only at the upgrade.
     #[arg(long, env = "TETHER_REAUTHORIZE_EVERY", default_value = "30s", value_parser = duration)]
     pub reauthorize_every: Duration,
+    /// This gateway's pod (the downward API's `metadata.name`). With it, open attaches are kept
+    /// in a ConfigMap `tether-gateway-attaches-<pod>` in `--session-namespace`, so that if this
+    /// process is killed another (or its own next start) writes their end records.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: Option<String>,
+    /// How often every gateway looks for the attach ledgers of gateways that are gone.
+    #[arg(long, env = "TETHER_ATTACH_LEDGER_INTERVAL", default_value = "60s", value_parser = duration)]
+    pub attach_ledger_interval: Duration,
     /// On shutdown, how long to wait for connections to close after telling them to reconnect.
     #[arg(long, env = "TETHER_DRAIN_TIMEOUT", default_value = "10s", value_parser = duration)]
     pub drain_timeout: Duration,

@@ -12,12 +12,14 @@ pub mod authn;
 pub mod authz;
 pub mod config;
 pub mod index;
+pub mod ledger;
 pub mod limits;
 pub mod metrics;
 pub mod proxy;
 pub mod server;
 pub mod sessions;
 pub mod signin;
+#[cfg(feature = "test-support")]
 pub mod test_backend;
 
 use std::future::Future;
@@ -139,12 +141,20 @@ impl Gateway {
     }
 }
 
-/// Serves until `shutdown` resolves, then tells every client to reconnect and drains.
+/// Serves `listener` (the public port) and `admin` (metrics and probes) until `shutdown`
+/// resolves, then tells every client to reconnect and drains.
 pub async fn run(
     gw: Arc<Gateway>,
     listener: TcpListener,
+    admin: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
+    tracing::info!(addr = ?admin.local_addr().ok(), "admin listening");
+    let admin_task = tokio::spawn(
+        axum::serve(admin, server::admin_router(gw.clone()))
+            .with_graceful_shutdown(gw.shutdown.clone().cancelled_owned())
+            .into_future(),
+    );
     let app = server::router(gw.clone());
     // HTTP connections (not yet upgraded) are finished gracefully on shutdown.
     let http_conns = TaskTracker::new();
@@ -203,5 +213,6 @@ pub async fn run(
         tokio::join!(gw.tasks.wait(), http_conns.wait());
     })
     .await;
+    admin_task.abort();
     Ok(())
 }

@@ -1,5 +1,6 @@
-//! Limits on who may open what, how often: the Origin allowlist, connections per user and the
-//! handshake rate per source address.
+//! Limits on who may open what, how often: the Origin allowlist, connections per user, the
+//! handshake rate per client address (before authentication) and per user (after), and the
+//! client address itself, through `--trusted-proxies`.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -71,10 +72,21 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Handshakes per second per source address, with a burst of twice that.
+/// Whose budget a request spends.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum RateKey {
+    /// Not (yet) authenticated: the client's address.
+    Addr(IpAddr),
+    /// Authenticated: the user, wherever they connect from.
+    User(String),
+}
+
+/// Handshakes per second per client address and, separately, per authenticated user, with a
+/// burst of twice that: a flood without a credential spends its address's budget, never a
+/// signed-in user's.
 #[derive(Debug)]
 pub struct HandshakeRate {
-    limiter: DefaultKeyedRateLimiter<IpAddr>,
+    limiter: DefaultKeyedRateLimiter<RateKey>,
 }
 
 impl HandshakeRate {
@@ -86,12 +98,50 @@ impl HandshakeRate {
         }
     }
 
+    /// Spends one of the address's handshakes (for requests not authenticated).
     pub fn check(&self, ip: IpAddr) -> bool {
+        self.check_key(RateKey::Addr(ip))
+    }
+
+    /// Spends one of the user's handshakes (once authenticated).
+    pub fn check_user(&self, user: &str) -> bool {
+        self.check_key(RateKey::User(user.to_owned()))
+    }
+
+    fn check_key(&self, key: RateKey) -> bool {
         if self.limiter.len() > 100_000 {
             self.limiter.retain_recent();
         }
-        self.limiter.check_key(&ip).is_ok()
+        self.limiter.check_key(&key).is_ok()
     }
+}
+
+/// The client's address: the TCP peer, unless the peer is one of the `trusted` proxies; then
+/// the rightmost `X-Forwarded-For` address that is not itself a trusted proxy (each proxy
+/// appends the address it saw, so everything left of that could have been written by the
+/// client). An unparsable entry ends the walk at the last trusted hop.
+pub fn client_address(peer: IpAddr, forwarded_for: &[&str], trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    let hops = forwarded_for
+        .iter()
+        .flat_map(|h| h.split(','))
+        .map(str::trim)
+        .filter(|h| !h.is_empty())
+        .collect::<Vec<_>>();
+    for hop in hops.iter().rev() {
+        let Ok(ip) = hop.parse::<IpAddr>() else {
+            return client;
+        };
+        client = ip;
+        if !is_trusted(&ip) {
+            return ip;
+        }
+    }
+    client
 }
 
 #[cfg(test)]
@@ -126,6 +176,50 @@ mod tests {
         drop(a);
         assert_eq!(l.count("alice"), 1);
         assert!(l.acquire("alice").is_some());
+    }
+
+    #[test]
+    fn forwarded_for_counts_only_behind_a_trusted_proxy() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // Not from a trusted proxy: the header is the client's own words.
+        assert_eq!(
+            client_address(ip("192.0.2.1"), &["203.0.113.9"], &trusted),
+            ip("192.0.2.1")
+        );
+        // From the proxy: the rightmost address it did not add itself.
+        assert_eq!(
+            client_address(ip("10.1.1.1"), &["1.1.1.1, 203.0.113.9"], &trusted),
+            ip("203.0.113.9")
+        );
+        assert_eq!(
+            client_address(
+                ip("10.1.1.1"),
+                &["1.1.1.1", "203.0.113.9, 10.2.2.2"],
+                &trusted
+            ),
+            ip("203.0.113.9")
+        );
+        // No header, or garbage where the client would be.
+        assert_eq!(
+            client_address(ip("10.1.1.1"), &[], &trusted),
+            ip("10.1.1.1")
+        );
+        assert_eq!(
+            client_address(ip("10.1.1.1"), &["nonsense, 10.2.2.2"], &trusted),
+            ip("10.2.2.2")
+        );
+    }
+
+    #[test]
+    fn users_and_addresses_have_budgets_of_their_own() {
+        let r = HandshakeRate::new(1);
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        while r.check(a) {}
+        assert!(
+            r.check_user("alice"),
+            "an address's flood spends no user's budget"
+        );
     }
 
     #[test]

@@ -20,7 +20,21 @@ async fn main() -> anyhow::Result<()> {
     let config = Args::parse().into_config()?;
     let client = kube::Client::try_default().await.map_err(Error::Kube)?;
     let audit = AuditLog::open(config.args.audit_log.as_deref()).map_err(Error::Audit)?;
+    if let Some(pod) = &config.args.pod_name {
+        let ledger = tether_gateway::ledger::Ledger::start(
+            client.clone(),
+            &config.args.session_namespace,
+            pod,
+            config.args.attach_ledger_interval,
+            audit.clone(),
+        )
+        .await;
+        audit.set_ledger(ledger);
+    }
     let listener = tokio::net::TcpListener::bind(config.args.listen)
+        .await
+        .map_err(Error::Listen)?;
+    let admin = tokio::net::TcpListener::bind(config.args.admin_listen)
         .await
         .map_err(Error::Listen)?;
     let idx = index::Index::shared();
@@ -42,7 +56,7 @@ async fn main() -> anyhow::Result<()> {
         },
         audit,
     );
-    tether_gateway::run(gw, listener, shutdown_signal()).await?;
+    tether_gateway::run(gw, listener, admin, shutdown_signal()).await?;
     Ok(())
 }
 

@@ -9,7 +9,8 @@
 use std::time::Duration;
 
 use futures::{Sink, SinkExt, Stream, StreamExt};
-use tether_protocol::{ClientFrame, CloseCode, Mode};
+use tether_protocol::frame::Start;
+use tether_protocol::{ClientFrame, CloseCode, Mode, ServerFrame};
 use tokio::time::{Instant, sleep_until, timeout};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -31,6 +32,40 @@ pub struct ProxySettings {
     pub handshake_timeout: Duration,
     /// A client from which nothing arrives for this long is closed; it is pinged every third.
     pub idle_timeout: Duration,
+    /// Longest a message to the agent may take to be written: an agent that stops reading is
+    /// closed after this, and never holds up revocation or shutdown meanwhile.
+    pub agent_send_timeout: Duration,
+}
+
+/// Who ended a proxied connection, as the audit log records it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndedBy {
+    /// The client closed or went away.
+    Client,
+    /// The agent closed or went away (its code was relayed, or replaced when forged).
+    Agent,
+    /// The gateway: RBAC no longer allows the connection (`4411`).
+    GatewayRevoke,
+    /// The gateway: the credential ended (`4440`).
+    GatewaySignOut,
+    /// The gateway is shutting down (`1001`).
+    GatewayShutdown,
+    /// The gateway closed it for a rule of the protocol: a bad frame from either side, a
+    /// keep-alive or handshake timeout, an agent that stopped reading.
+    GatewayProtocol,
+}
+
+impl EndedBy {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndedBy::Client => "client",
+            EndedBy::Agent => "agent",
+            EndedBy::GatewayRevoke => "gateway-revoke",
+            EndedBy::GatewaySignOut => "gateway-sign-out",
+            EndedBy::GatewayShutdown => "gateway-shutdown",
+            EndedBy::GatewayProtocol => "gateway-protocol",
+        }
+    }
 }
 
 /// How a proxied connection ended.
@@ -39,6 +74,7 @@ pub struct ProxyOutcome {
     /// The close code the client was sent (or sent), `1006` for a vanished peer.
     pub code: u16,
     pub reason: String,
+    pub ended_by: EndedBy,
     pub bytes_to_agent: u64,
     pub bytes_to_client: u64,
 }
@@ -57,9 +93,104 @@ fn close_msg(code: u16, reason: &str) -> Message {
     }))
 }
 
-/// Close codes only the gateway may send; an agent that sends one is relayed as `4500`.
+/// Close codes only the gateway may send ([`CloseCode::GATEWAY_ONLY`]).
 pub fn is_gateway_only(code: u16) -> bool {
-    code == CloseCode::REVOKED.0 || code == CloseCode::SIGNED_OUT.0
+    CloseCode::GATEWAY_ONLY.iter().any(|c| c.0 == code)
+}
+
+/// The close code and reason relayed to the client for an agent's close: the agent's own when
+/// it is one the agent may send (`1000`, `1001`, or a protocol code that is not gateway-only),
+/// else `4500` saying what the agent sent. The agent runs in the user's pod: it may not speak
+/// for the gateway, nor invent codes the client cannot interpret.
+pub fn relayed_agent_close(code: u16, reason: String) -> (u16, String) {
+    let known = CloseCode::ALL.iter().any(|c| c.0 == code);
+    if is_gateway_only(code) {
+        (
+            CloseCode::INTERNAL.0,
+            format!("the session agent sent the gateway's close code {code}"),
+        )
+    } else if !known {
+        (
+            CloseCode::INTERNAL.0,
+            format!("the session agent sent close code {code}, which tether.v1 does not define"),
+        )
+    } else if reason.is_empty() {
+        (code, CloseCode(code).reason().to_owned())
+    } else {
+        (code, reason)
+    }
+}
+
+/// What the gateway expects next from the agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentState {
+    /// Nothing yet: the first frame must be `WELCOME`.
+    Welcome,
+    /// `WELCOME start=2` came: a `SNAPSHOT` must follow.
+    Snapshot,
+    /// `OUTPUT`, `PONG` and `EXIT` only.
+    Streaming,
+}
+
+/// Checks one message from the agent against tether.v1: an agent-side frame the strict decoder
+/// accepts (so within the protocol's sizes), in the order the protocol allows. A `SNAPSHOT`
+/// (the only frame that may be large) is accepted only right after `WELCOME start=2`, so a
+/// connection holds at most one large message.
+pub fn check_agent_frame(bytes: &[u8], state: &mut AgentState) -> Result<(), String> {
+    // A SNAPSHOT's screen is opaque bytes: check its fixed fields and its length, without the
+    // copy of up to 8 MiB that decoding the whole frame would make.
+    let snapshot = tether_protocol::frame::server_type::SNAPSHOT;
+    let frame = if bytes.first() == Some(&snapshot) && bytes.len() >= 18 {
+        if bytes.len() - 18 > tether_protocol::MAX_SNAPSHOT {
+            return Err(format!(
+                "a bad frame: a SNAPSHOT of {} bytes, over the protocol's limit",
+                bytes.len()
+            ));
+        }
+        ServerFrame::decode(&bytes[..18])
+    } else {
+        ServerFrame::decode(bytes)
+    }
+    .map_err(|e| format!("a bad frame: {e}"))?;
+    *state = match (*state, &frame) {
+        (AgentState::Welcome, ServerFrame::Welcome { start, .. }) => {
+            if *start == Start::Snapshot {
+                AgentState::Snapshot
+            } else {
+                AgentState::Streaming
+            }
+        }
+        (AgentState::Welcome, _) => return Err("a frame before WELCOME".into()),
+        (AgentState::Snapshot, ServerFrame::Snapshot(_)) => AgentState::Streaming,
+        (AgentState::Snapshot, _) => return Err("no SNAPSHOT after WELCOME start=2".into()),
+        (AgentState::Streaming, ServerFrame::Welcome { .. }) => {
+            return Err("a second WELCOME".into());
+        }
+        (AgentState::Streaming, ServerFrame::Snapshot(_)) => {
+            return Err("a SNAPSHOT that no WELCOME announced".into());
+        }
+        (AgentState::Streaming, _) => AgentState::Streaming,
+    };
+    Ok(())
+}
+
+/// Whether a WebSocket read failed because a message or frame was over the configured size, by
+/// the error's type: tungstenite's own (the agent socket) or wrapped in axum's (the client's).
+pub fn is_too_large(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(e);
+    while let Some(e) = cur {
+        if matches!(
+            e.downcast_ref::<tokio_tungstenite::tungstenite::Error>(),
+            Some(tokio_tungstenite::tungstenite::Error::Capacity(_))
+        ) || matches!(
+            e.downcast_ref::<tungstenite_axum::Error>(),
+            Some(tungstenite_axum::Error::Capacity(_))
+        ) {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
 }
 
 /// Checks one client frame; `Err` is the close code and reason to end the connection with.
@@ -95,6 +226,10 @@ pub fn check_client_frame(
 /// Forwards frames until either side closes, the client idles out, `shutdown` fires, or
 /// `ended` resolves with the close code and reason to send: [`CloseCode::REVOKED`] when RBAC no
 /// longer allows the connection, [`CloseCode::SIGNED_OUT`] when its credential ended.
+///
+/// Every write to either side is raced against `shutdown` and `ended` and has a timeout, so a
+/// peer that stops reading never holds up revocation or shutdown; the closes sent on the way
+/// out are bounded too.
 pub async fn proxy<C, CE, A, AE, R>(
     client: C,
     agent: A,
@@ -129,21 +264,30 @@ where
     let mut out = ProxyOutcome {
         code: 1006,
         reason: String::new(),
+        ended_by: EndedBy::Client,
         bytes_to_agent: 0,
         bytes_to_client: 0,
     };
-    let send_timeout = settings.idle_timeout;
+    let client_send_timeout = settings.idle_timeout;
+    let agent_send_timeout = settings.agent_send_timeout;
+    const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-    // Closes the client with `code`, tells the agent we left, records the outcome.
-    macro_rules! end {
-        ($code:expr, $reason:expr) => {{
-            let (code, reason): (u16, String) = ($code, $reason);
-            let _ = timeout(Duration::from_secs(1), c_tx.send(close_msg(code, &reason))).await;
+    // Tells the agent we left (bounded: a stuck agent must not hold us).
+    macro_rules! leave_agent {
+        () => {{
             let _ = timeout(
-                Duration::from_secs(1),
+                CLOSE_TIMEOUT,
                 a_tx.send(close_msg(1000, "client left the gateway")),
             )
             .await;
+        }};
+    }
+    // Closes the client with `code`, tells the agent we left, records the outcome.
+    macro_rules! end {
+        ($by:expr, $code:expr, $reason:expr) => {{
+            let (code, reason): (u16, String) = ($code, $reason);
+            let _ = timeout(CLOSE_TIMEOUT, c_tx.send(close_msg(code, &reason))).await;
+            leave_agent!();
             // Give the client a moment to answer the close, as the protocol asks.
             let _ = timeout(Duration::from_millis(500), async {
                 while let Some(Ok(m)) = c_rx.next().await {
@@ -155,143 +299,194 @@ where
             .await;
             out.code = code;
             out.reason = reason;
+            out.ended_by = $by;
             return out;
         }};
     }
+    // The peer, not a rule of ours, ended it: record that and stop.
+    macro_rules! gone {
+        ($by:expr, $code:expr, $reason:expr) => {{
+            out.code = $code;
+            out.reason = $reason;
+            out.ended_by = $by;
+            return out;
+        }};
+    }
+    // Sends to one side, raced against shutdown and revocation, within `$within`.
+    macro_rules! send_or_stop {
+        ($tx:expr, $msg:expr, $within:expr) => {
+            tokio::select! {
+                r = timeout($within, $tx.send($msg)) => match r {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(_)) => Err(false),
+                    Err(_) => Err(true),
+                },
+                () = shutdown.cancelled() => end!(EndedBy::GatewayShutdown, CloseCode::GOING_AWAY.0, SHUTDOWN_REASON.into()),
+                (code, reason) = &mut ended => end!(ended_by(code), code.0, reason),
+            }
+        };
+    }
+    let agent_stuck = || -> String { "the session agent stopped reading".into() };
+    let agent_lost = || -> String { "lost the connection to the session agent".into() };
 
     // The first frame must arrive within the handshake timeout and be OPEN or RESUME.
     let first = tokio::select! {
         m = timeout(settings.handshake_timeout, c_rx.next()) => m,
-        () = shutdown.cancelled() => end!(CloseCode::GOING_AWAY.0, SHUTDOWN_REASON.into()),
+        () = shutdown.cancelled() => end!(EndedBy::GatewayShutdown, CloseCode::GOING_AWAY.0, SHUTDOWN_REASON.into()),
+        (code, reason) = &mut ended => end!(ended_by(code), code.0, reason),
     };
     match first {
         Err(_) => end!(
+            EndedBy::GatewayProtocol,
             CloseCode::HANDSHAKE_TIMEOUT.0,
             CloseCode::HANDSHAKE_TIMEOUT.reason().into()
         ),
         Ok(None) | Ok(Some(Err(_))) => {
-            let _ = a_tx.send(close_msg(1000, "client left the gateway")).await;
-            out.reason = "client disconnected before OPEN".into();
-            return out;
+            leave_agent!();
+            gone!(
+                EndedBy::Client,
+                1006,
+                "client disconnected before OPEN".into()
+            );
         }
         Ok(Some(Ok(Message::Binary(b)))) => {
             if let Err((code, reason)) =
                 check_client_frame(&b, settings.mode, settings.max_frame_bytes, true)
             {
-                end!(code.0, reason);
+                end!(EndedBy::GatewayProtocol, code.0, reason);
             }
             out.bytes_to_agent += b.len() as u64;
             to_agent.inc_by(b.len() as u64);
-            if a_tx.send(Message::Binary(b)).await.is_err() {
-                end!(
+            match send_or_stop!(a_tx, Message::Binary(b), agent_send_timeout) {
+                Ok(()) => {}
+                Err(true) => end!(
+                    EndedBy::GatewayProtocol,
                     CloseCode::INTERNAL.0,
-                    "lost the connection to the session agent".into()
-                );
+                    agent_stuck()
+                ),
+                Err(false) => end!(EndedBy::Agent, CloseCode::INTERNAL.0, agent_lost()),
             }
         }
         Ok(Some(Ok(Message::Close(_)))) => {
-            let _ = a_tx.send(close_msg(1000, "client left the gateway")).await;
-            out.code = 1000;
-            out.reason = "client closed before OPEN".into();
-            return out;
+            leave_agent!();
+            gone!(EndedBy::Client, 1000, "client closed before OPEN".into());
         }
         Ok(Some(Ok(_))) => end!(
+            EndedBy::GatewayProtocol,
             CloseCode::BAD_FRAME.0,
             "the first frame must be a binary OPEN or RESUME".into()
         ),
     }
 
+    let mut agent_state = AgentState::Welcome;
     let ping_every = (settings.idle_timeout / 3).max(Duration::from_millis(100));
     let mut ping = tokio::time::interval_at(Instant::now() + ping_every, ping_every);
     let mut last_seen = Instant::now();
     loop {
         tokio::select! {
-            () = shutdown.cancelled() => end!(CloseCode::GOING_AWAY.0, SHUTDOWN_REASON.into()),
-            (code, reason) = &mut ended => end!(code.0, reason),
+            () = shutdown.cancelled() => end!(EndedBy::GatewayShutdown, CloseCode::GOING_AWAY.0, SHUTDOWN_REASON.into()),
+            (code, reason) = &mut ended => end!(ended_by(code), code.0, reason),
             m = c_rx.next() => {
                 last_seen = Instant::now();
                 match m {
                     None => {
-                        let _ = a_tx.send(close_msg(1000, "client left the gateway")).await;
-                        out.reason = "client disconnected".into();
-                        return out;
+                        leave_agent!();
+                        gone!(EndedBy::Client, 1006, "client disconnected".into());
                     }
                     Some(Err(e)) => {
                         let e: BoxError = e.into();
-                        let text = e.to_string();
-                        if text.contains("Space limit") || text.contains("too long") || text.contains("Message too") {
-                            end!(CloseCode::FRAME_TOO_LARGE.0, "frame too large".into());
+                        if is_too_large(&*e) {
+                            end!(EndedBy::GatewayProtocol, CloseCode::FRAME_TOO_LARGE.0, "frame too large".into());
                         }
-                        let _ = a_tx.send(close_msg(1000, "client left the gateway")).await;
-                        out.reason = format!("client connection failed: {text}");
-                        return out;
+                        leave_agent!();
+                        gone!(EndedBy::Client, 1006, format!("client connection failed: {e}"));
                     }
                     Some(Ok(Message::Binary(b))) => {
                         if let Err((code, reason)) =
                             check_client_frame(&b, settings.mode, settings.max_frame_bytes, false)
                         {
-                            end!(code.0, reason);
+                            end!(EndedBy::GatewayProtocol, code.0, reason);
                         }
                         out.bytes_to_agent += b.len() as u64;
                         to_agent.inc_by(b.len() as u64);
-                        match timeout(send_timeout, a_tx.send(Message::Binary(b))).await {
-                            Ok(Ok(())) => {}
-                            _ => end!(CloseCode::INTERNAL.0, "lost the connection to the session agent".into()),
+                        match send_or_stop!(a_tx, Message::Binary(b), agent_send_timeout) {
+                            Ok(()) => {}
+                            Err(true) => end!(EndedBy::GatewayProtocol, CloseCode::INTERNAL.0, agent_stuck()),
+                            Err(false) => end!(EndedBy::Agent, CloseCode::INTERNAL.0, agent_lost()),
                         }
                     }
-                    Some(Ok(Message::Text(_))) => end!(CloseCode::BAD_FRAME.0, "text messages are not part of tether.v1".into()),
+                    Some(Ok(Message::Text(_))) => end!(EndedBy::GatewayProtocol, CloseCode::BAD_FRAME.0, "text messages are not part of tether.v1".into()),
                     Some(Ok(Message::Close(f))) => {
                         let (code, reason) = f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
-                        let _ = a_tx.send(close_msg(1000, "client left the gateway")).await;
-                        out.code = code;
-                        out.reason = if reason.is_empty() { "client closed".into() } else { reason };
-                        return out;
+                        leave_agent!();
+                        gone!(EndedBy::Client, code, if reason.is_empty() { "client closed".into() } else { reason });
                     }
                     Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself
                 }
             }
             m = a_rx.next() => match m {
-                None | Some(Err(_)) => end!(CloseCode::INTERNAL.0, "lost the connection to the session agent".into()),
+                None => end!(EndedBy::Agent, CloseCode::INTERNAL.0, agent_lost()),
+                Some(Err(e)) => {
+                    let e: BoxError = e.into();
+                    let why = if is_too_large(&*e) {
+                        "the session agent sent a message over tether.v1's size limits".to_owned()
+                    } else {
+                        agent_lost()
+                    };
+                    tracing::warn!(error = %e, "agent connection failed");
+                    end!(EndedBy::Agent, CloseCode::INTERNAL.0, why)
+                }
                 Some(Ok(Message::Binary(b))) => {
+                    if let Err(why) = check_agent_frame(&b, &mut agent_state) {
+                        tracing::warn!(bytes = b.len(), %why, "the session agent broke tether.v1; closing");
+                        end!(EndedBy::GatewayProtocol, CloseCode::INTERNAL.0, format!("the session agent sent {why}"));
+                    }
                     out.bytes_to_client += b.len() as u64;
                     to_client.inc_by(b.len() as u64);
-                    match timeout(send_timeout, c_tx.send(Message::Binary(b))).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(_)) => {
-                            let _ = a_tx.send(close_msg(1000, "client left the gateway")).await;
-                            out.reason = "client connection failed".into();
-                            return out;
+                    match send_or_stop!(c_tx, Message::Binary(b), client_send_timeout) {
+                        Ok(()) => {}
+                        Err(false) => {
+                            leave_agent!();
+                            gone!(EndedBy::Client, 1006, "client connection failed".into());
                         }
-                        Err(_) => end!(CloseCode::KEEPALIVE_TIMEOUT.0, "the client stopped reading".into()),
+                        Err(true) => end!(EndedBy::GatewayProtocol, CloseCode::KEEPALIVE_TIMEOUT.0, "the client stopped reading".into()),
                     }
                 }
+                Some(Ok(Message::Text(_))) => {
+                    tracing::warn!("the session agent sent a text message; closing");
+                    end!(EndedBy::GatewayProtocol, CloseCode::INTERNAL.0, "the session agent sent a text message".into())
+                }
                 Some(Ok(Message::Close(f))) => {
-                    // The agent's code and words reach the client unchanged.
                     let (code, reason) = f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1000, String::new()));
-                    // The agent runs in the user's pod: it may not speak for the gateway.
-                    let (code, reason) = if is_gateway_only(code) {
-                        (CloseCode::INTERNAL.0, format!("the session agent sent the gateway's close code {code}"))
-                    } else {
-                        (code, reason)
-                    };
-                    let reason = if reason.is_empty() { CloseCode(code).reason().to_owned() } else { reason };
-                    let _ = timeout(Duration::from_secs(1), c_tx.send(close_msg(code, &reason))).await;
-                    out.code = code;
-                    out.reason = reason;
-                    return out;
+                    let (relayed, reason) = relayed_agent_close(code, reason);
+                    if relayed != code {
+                        tracing::warn!(code, "the session agent sent a close code it may not send; relayed as 4500");
+                    }
+                    let _ = timeout(CLOSE_TIMEOUT, c_tx.send(close_msg(relayed, &reason))).await;
+                    gone!(EndedBy::Agent, relayed, reason);
                 }
                 Some(Ok(_)) => {}
             },
             _ = ping.tick() => {
-                if timeout(send_timeout, c_tx.send(Message::Ping(Vec::new().into()))).await.is_err() {
-                    end!(CloseCode::KEEPALIVE_TIMEOUT.0, "the client stopped reading".into());
+                if let Err(true) = send_or_stop!(c_tx, Message::Ping(Vec::new().into()), client_send_timeout) {
+                    end!(EndedBy::GatewayProtocol, CloseCode::KEEPALIVE_TIMEOUT.0, "the client stopped reading".into());
                 }
             }
             () = sleep_until(last_seen + settings.idle_timeout) => end!(
+                EndedBy::GatewayProtocol,
                 CloseCode::KEEPALIVE_TIMEOUT.0,
                 CloseCode::KEEPALIVE_TIMEOUT.reason().into()
             ),
         }
+    }
+}
+
+/// Who ended a connection that `ended` closed.
+fn ended_by(code: CloseCode) -> EndedBy {
+    if code == CloseCode::REVOKED {
+        EndedBy::GatewayRevoke
+    } else {
+        EndedBy::GatewaySignOut
     }
 }
 
@@ -356,6 +551,69 @@ mod tests {
                 .unwrap_err()
                 .0,
             CloseCode::BAD_FRAME
+        );
+    }
+
+    #[test]
+    fn agent_frames_are_checked_for_type_and_order() {
+        let welcome = |start| {
+            ServerFrame::Welcome {
+                client_id: tether_protocol::ClientId::random(),
+                mode: Mode::Attach,
+                window: 1024,
+                offset: 0,
+                start,
+            }
+            .encode()
+        };
+        let output = ServerFrame::Output {
+            offset: 0,
+            data: bytes::Bytes::from_static(b"x"),
+        }
+        .encode();
+        let snapshot = ServerFrame::Snapshot(tether_protocol::frame::SnapshotFrame {
+            offset: 0,
+            size: Size::default(),
+            cursor_x: 0,
+            cursor_y: 0,
+            alternate_screen: false,
+            cursor_visible: true,
+            screen: bytes::Bytes::from_static(b"$ "),
+        })
+        .encode();
+        let mut st = AgentState::Welcome;
+        assert!(check_agent_frame(&output, &mut st).is_err(), "OUTPUT first");
+        let mut st = AgentState::Welcome;
+        check_agent_frame(&welcome(Start::New), &mut st).unwrap();
+        check_agent_frame(&output, &mut st).unwrap();
+        assert!(
+            check_agent_frame(&snapshot, &mut st).is_err(),
+            "unannounced"
+        );
+        let mut st = AgentState::Welcome;
+        check_agent_frame(&welcome(Start::Snapshot), &mut st).unwrap();
+        assert!(check_agent_frame(&output, &mut st).is_err(), "SNAPSHOT due");
+        let mut st = AgentState::Welcome;
+        check_agent_frame(&welcome(Start::Snapshot), &mut st).unwrap();
+        check_agent_frame(&snapshot, &mut st).unwrap();
+        check_agent_frame(&output, &mut st).unwrap();
+        assert!(check_agent_frame(&welcome(Start::New), &mut st).is_err());
+        // A client frame, and an OUTPUT over 65536 bytes of payload.
+        assert!(check_agent_frame(&open(), &mut st).is_err());
+        let mut big = vec![tether_protocol::frame::server_type::OUTPUT; 9];
+        big.resize(9 + 65537, b'x');
+        assert!(check_agent_frame(&big, &mut st).is_err());
+    }
+
+    #[test]
+    fn gateway_only_and_undefined_codes_from_the_agent_become_4500() {
+        for code in [4411, 4440, 4999, 3000, 1008] {
+            assert_eq!(relayed_agent_close(code, "x".into()).0, 4500, "{code}");
+        }
+        assert_eq!(relayed_agent_close(4404, String::new()).0, 4404);
+        assert_eq!(
+            relayed_agent_close(1000, "bye".into()),
+            (1000, "bye".into())
         );
     }
 }

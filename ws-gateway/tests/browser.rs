@@ -181,6 +181,7 @@ impl GatewayCmd {
             "tether-gateway",
             Command::new(&self.bin)
                 .arg(format!("--listen=127.0.0.1:{}", self.port))
+                .arg("--admin-listen=127.0.0.1:0")
                 .arg(format!(
                     "--dev-token-file={}",
                     self.dir.join("dev-tokens").display()

@@ -174,9 +174,18 @@ async fn the_page_health_readiness_and_metrics_are_served() {
     );
     assert_eq!(gw.http("GET", "/healthz", &[], "").await.0, 200);
     assert_eq!(gw.http("GET", "/readyz", &[], "").await.0, 200);
-    let (status, _, body) = gw.http("GET", "/metrics", &[], "").await;
+    // Metrics only on the admin listener, which also serves the probes.
+    assert_eq!(gw.http("GET", "/metrics", &[], "").await.0, 404);
+    let (status, _, body) = gw.admin_http("/metrics").await;
     assert_eq!(status, 200);
     assert!(body.contains("tether_gateway_jwks_fetches_total"), "{body}");
+    assert_eq!(gw.admin_http("/healthz").await.0, 200);
+    assert_eq!(gw.admin_http("/readyz").await.0, 200);
+    assert_eq!(
+        gw.admin_http("/").await.0,
+        404,
+        "the page is not on the admin port"
+    );
 }
 
 #[tokio::test]
@@ -261,7 +270,8 @@ async fn each_attach_has_exactly_one_start_and_one_end_record_and_shutdown_says_
     assert_eq!(first["mode"], "attach");
     assert!(first["bytesToAgent"].as_u64().unwrap() > 5);
     assert!(first["bytesToClient"].as_u64().unwrap() > 5);
-    assert!(first["source"].as_str().unwrap().starts_with("127.0.0.1:"));
+    // The client address (the socket peer here: no --trusted-proxies).
+    assert_eq!(first["source"], "127.0.0.1");
     assert!(
         ends.iter()
             .any(|e| e["closeCode"] == CloseCode::READ_ONLY.0)
@@ -269,5 +279,115 @@ async fn each_attach_has_exactly_one_start_and_one_end_record_and_shutdown_says_
     assert!(
         ends.iter()
             .any(|e| e["closeCode"] == CloseCode::GOING_AWAY.0)
+    );
+}
+
+/// axum's `WebSocketUpgrade` checks what the hand-rolled upgrade did not: a
+/// `Sec-WebSocket-Version` other than 13 is refused, where version 13 is upgraded.
+#[tokio::test]
+async fn an_upgrade_with_a_wrong_websocket_version_is_refused() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let gw = TestGateway::start(&[]).await;
+    let head_for = |version: &'static str| async move {
+        let mut s = tokio::net::TcpStream::connect(gw.addr).await.unwrap();
+        let req = format!(
+            "GET /ws/{NS}/{SESSION} HTTP/1.1\r\nHost: x\r\nOrigin: {ORIGIN}\r\n\
+             Connection: Upgrade\r\nUpgrade: websocket\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n\
+             Sec-WebSocket-Protocol: tether.v1, {}\r\n\r\n",
+            tether_gateway::server::bearer_protocol(ALICE)
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut buf = vec![0u8; 4096];
+        let n = tokio::time::timeout(STEP, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    };
+    let refused = head_for("8").await;
+    assert!(refused.starts_with("HTTP/1.1 400"), "{refused}");
+    assert!(
+        refused.contains("expected a WebSocket upgrade"),
+        "{refused}"
+    );
+    let accepted = head_for("13").await;
+    assert!(accepted.starts_with("HTTP/1.1 101"), "{accepted}");
+    assert!(
+        accepted
+            .to_ascii_lowercase()
+            .contains("sec-websocket-protocol: tether.v1\r\n"),
+        "only tether.v1 is selected, the token is not echoed: {accepted}"
+    );
+}
+
+/// Refused attempts are audited with their status, reason, who (once known) and from where.
+#[tokio::test]
+async fn refused_attempts_are_audited_with_reason_who_and_where() {
+    let gw = TestGateway::start(&["--handshake-rate=2"]).await;
+    let at = |p: &str| format!("/ws/{NS}/{p}");
+    assert_eq!(
+        gw.ws(&at(SESSION), Some(ORIGIN), None).await.unwrap_err().0,
+        401
+    );
+    assert_eq!(
+        gw.ws(&at(SESSION), Some(ORIGIN), Some(CAROL))
+            .await
+            .unwrap_err()
+            .0,
+        403
+    );
+    assert_eq!(
+        gw.ws(
+            &format!("{}?mode=attach", at(SESSION)),
+            Some(ORIGIN),
+            Some(BOB)
+        )
+        .await
+        .unwrap_err()
+        .0,
+        403
+    );
+    // Until the user's budget (burst of 4) is spent: bob's is, alice's is not.
+    let mut limited = false;
+    for _ in 0..6 {
+        if gw
+            .ws(&at(SESSION), Some(ORIGIN), Some(BOB))
+            .await
+            .unwrap_err()
+            .0
+            == 429
+        {
+            limited = true;
+        }
+    }
+    assert!(limited);
+    let refused: Vec<_> = gw
+        .audit_lines()
+        .into_iter()
+        .filter(|l| l["event"] == "refused")
+        .collect();
+    let first = &refused[0];
+    assert_eq!(first["status"], 401, "{first}");
+    assert_eq!(first["user"], serde_json::Value::Null, "{first}");
+    assert_eq!(first["source"], "127.0.0.1", "{first}");
+    assert_eq!(first["session"], format!("{NS}/{SESSION}"), "{first}");
+    assert_eq!(refused[1]["status"], 403);
+    assert_eq!(refused[1]["user"], "carol");
+    assert_eq!(refused[1]["reason"], "forbidden");
+    assert!(
+        refused[1]["error"].as_str().unwrap().contains("may not"),
+        "{}",
+        refused[1]
+    );
+    assert!(
+        refused
+            .iter()
+            .any(|r| r["status"] == 429 && r["user"] == "bob" && r["reason"] == "rate_limited"),
+        "{refused:?}"
+    );
+    assert!(
+        !gw.audit_lines().iter().any(|l| l["event"] == "attach"),
+        "nothing was admitted"
     );
 }

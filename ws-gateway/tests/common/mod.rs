@@ -85,6 +85,8 @@ pub struct Options {
 
 pub struct TestGateway {
     pub addr: std::net::SocketAddr,
+    /// The admin listener: metrics and probes.
+    pub admin_addr: std::net::SocketAddr,
     pub gw: Arc<Gateway>,
     pub dir: tempfile::TempDir,
     pub backend_addr: std::net::SocketAddr,
@@ -125,6 +127,7 @@ impl TestGateway {
         let mut argv: Vec<String> = vec![
             "tether-gateway".into(),
             "--listen=127.0.0.1:0".into(),
+            "--admin-listen=127.0.0.1:0".into(),
             format!("--allowed-origin={ORIGIN}"),
             // The gateway's own origin, which the CLI sends.
             format!("--allowed-origin=http://{addr}"),
@@ -200,11 +203,19 @@ impl TestGateway {
             audit,
         );
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(tether_gateway::run(gw.clone(), listener, async move {
-            let _ = rx.await;
-        }));
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let task = tokio::spawn(tether_gateway::run(
+            gw.clone(),
+            listener,
+            admin,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         Self {
             addr,
+            admin_addr,
             gw,
             dir,
             backend_addr,
@@ -332,48 +343,66 @@ impl TestGateway {
         headers: &[(&str, &str)],
         body: &str,
     ) -> (u16, String, String) {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
-        let mut s = TcpStream::connect(self.addr).await.unwrap();
-        let mut req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        req.push_str(body);
-        s.write_all(req.as_bytes()).await.unwrap();
-        let mut buf = Vec::new();
-        tokio::time::timeout(STEP, s.read_to_end(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        let text = String::from_utf8_lossy(&buf).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let status = head
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        // Chunked bodies: good enough to take the JSON between the chunk sizes.
-        let body = if head
-            .to_ascii_lowercase()
-            .contains("transfer-encoding: chunked")
-        {
-            body.lines()
-                .collect::<Vec<_>>()
-                .chunks(2)
-                .filter_map(|c| c.get(1).copied())
-                .collect::<String>()
-        } else {
-            body.to_owned()
-        };
-        (status, head.to_owned(), body)
+        http_to(self.addr, method, path, headers, body).await
     }
 
+    /// [`Self::http`] to the admin listener.
+    pub async fn admin_http(&self, path: &str) -> (u16, String, String) {
+        http_to(self.admin_addr, "GET", path, &[], "").await
+    }
+}
+
+/// A plain HTTP request to `addr`; returns status, headers and body.
+pub async fn http_to(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    req.push_str(body);
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(STEP, s.read_to_end(&mut buf))
+        .await
+        .unwrap()
+        .unwrap();
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    // Chunked bodies: good enough to take the JSON between the chunk sizes.
+    let body = if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body.lines()
+            .collect::<Vec<_>>()
+            .chunks(2)
+            .filter_map(|c| c.get(1).copied())
+            .collect::<String>()
+    } else {
+        body.to_owned()
+    };
+    (status, head.to_owned(), body)
+}
+
+impl TestGateway {
     pub async fn metric(&self, name: &str) -> f64 {
-        let (_, _, body) = self.http("GET", "/metrics", &[], "").await;
+        let (_, _, body) = self.admin_http("/metrics").await;
         body.lines()
             .filter(|l| l.starts_with(name))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
