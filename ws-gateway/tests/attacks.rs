@@ -450,3 +450,28 @@ async fn idle_clients_are_closed_with_the_keepalive_code() {
     assert_eq!(end["closeCode"], CloseCode::KEEPALIVE_TIMEOUT.0, "{end}");
     drop(ws);
 }
+
+/// A message over the WebSocket layer's own limit (twice `--max-frame-bytes` and some) fails in
+/// tungstenite, wrapped in axum's error: classified by its type as too large, `4413`.
+#[tokio::test]
+async fn a_message_over_the_websocket_limit_is_4413_by_error_type() {
+    let gw = TestGateway::start(&["--max-frame-bytes=1024"]).await;
+    let (mut ws, _) = gw
+        .ws(&path("attach"), Some(ORIGIN), Some(ALICE))
+        .await
+        .unwrap();
+    send(
+        &mut ws,
+        ClientFrame::Open {
+            size: Size::default(),
+        }
+        .encode(),
+    )
+    .await;
+    let mut huge = vec![tether_protocol::frame::client_type::INPUT];
+    huge.resize(64 * 1024, b'x');
+    send(&mut ws, huge).await;
+    let (code, reason) = closed(&mut ws).await;
+    assert_eq!(code, CloseCode::FRAME_TOO_LARGE.0, "{reason}");
+    assert_eq!(reason, "frame too large");
+}
