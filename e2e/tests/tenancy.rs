@@ -406,3 +406,82 @@ async fn a_pod_squatting_on_a_session_is_reported_and_never_used() {
         "a Warning event names the squatter"
     );
 }
+
+/// The gateway's reviews are served in a priority level of their own, and the operator's
+/// leader-election Leases in the built-in `leader-election` level, as the API server itself
+/// reports in its response headers (`X-Kubernetes-PF-PriorityLevel-UID`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gateways_reviews_and_the_operators_leases_have_their_own_priority_levels() {
+    let cluster = Cluster::shared().await;
+    let ns = tether_e2e::stack::SYSTEM_NAMESPACE;
+    let uid_of = |level: &str| {
+        cluster
+            .stack
+            .kubectl(&[
+                "get",
+                "prioritylevelconfiguration",
+                level,
+                "-o",
+                "jsonpath={.metadata.uid}",
+            ])
+            .unwrap()
+    };
+    // `kubectl -v=8` prints the response headers of each request.
+    let level_of = |user: &str, args: &[&str]| {
+        let mut all = vec!["-v=8", "--as", user];
+        all.extend_from_slice(args);
+        let out = cluster
+            .stack
+            .kubectl(&all)
+            .unwrap_or_else(|e| format!("{e:#}"));
+        out.lines()
+            .find_map(|l| {
+                let l = l.to_ascii_lowercase();
+                let i = l.find("x-kubernetes-pf-prioritylevel-uid:")?;
+                Some(
+                    l[i + "x-kubernetes-pf-prioritylevel-uid:".len()..]
+                        .trim()
+                        .to_owned(),
+                )
+            })
+            .unwrap_or_else(|| panic!("no priority level header in: {out}"))
+    };
+    let sar = cluster.stack.dir().join("sar.json");
+    std::fs::write(
+        &sar,
+        serde_json::json!({
+            "apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview",
+            "spec": {"user": "alice", "resourceAttributes": {"group": "tether.dev", "resource": "terminalsessions", "verb": "attach", "namespace": "default"}},
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let gateway = format!("system:serviceaccount:{ns}:tether-gateway");
+    let operator = format!("system:serviceaccount:{ns}:tether-operator");
+    assert_eq!(
+        level_of(
+            &gateway,
+            &["create", "-f", sar.to_str().unwrap(), "-o", "name"]
+        ),
+        uid_of("tether-gateway-reviews")
+    );
+    let leases = cluster
+        .stack
+        .kubectl(&["get", "leases", "-o", "name"])
+        .unwrap();
+    let lease = leases
+        .lines()
+        .find(|l| l.contains("tether"))
+        .expect("the operator's lease")
+        .trim()
+        .to_owned();
+    assert_eq!(
+        level_of(&operator, &["get", &lease]),
+        uid_of("leader-election")
+    );
+    // Anything else of the gateway's is not squeezed into the reviews' level.
+    assert_ne!(
+        level_of(&gateway, &["get", "terminalsessions", "-A", "-o", "name"]),
+        uid_of("tether-gateway-reviews")
+    );
+}

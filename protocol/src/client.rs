@@ -275,7 +275,9 @@ where
             .map_err(|e| ClientError::WebSocket(e.into()))
     }
 
-    /// Closes the connection politely; the agent keeps the client for its grace period.
+    /// Leaves for good: closes with `1000`, and the agent frees the client's slot at once (it
+    /// cannot be resumed). To pause and resume later, drop the connection instead (or close
+    /// with any other code): the agent then keeps the client for its grace period.
     pub async fn close(mut self) -> Result<()> {
         let _ = self
             .ws

@@ -104,9 +104,16 @@ pub struct Args {
     #[arg(long, env = "TETHER_RESUME_GRACE_SECONDS", default_value_t = 60)]
     pub resume_grace_seconds: u64,
 
-    /// Most clients (attached, observing or in their grace period) at once.
-    #[arg(long, env = "TETHER_MAX_CLIENTS", default_value_t = 32)]
-    pub max_clients: usize,
+    /// Most clients (attached, observing or in their grace period) at once. An interactive
+    /// client is never refused while a slot is held by an observer or a client in its grace
+    /// period: the oldest of those makes room.
+    #[arg(long, env = "TETHER_MAX_CLIENTS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_clients: u32,
+
+    /// Clients one user may keep in their grace period (connection lost, not closed with 1000);
+    /// a newer one replaces that user's oldest.
+    #[arg(long, env = "TETHER_MAX_GRACE_CLIENTS_PER_USER", default_value_t = 4, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub max_grace_clients_per_user: u32,
 
     /// How long SIGTERM waits for connections to close before the agent exits.
     #[arg(long, env = "TETHER_DRAIN_SECONDS", default_value_t = 5)]
@@ -146,6 +153,7 @@ pub struct Config {
     pub buffer_bytes: usize,
     pub resume_grace: Duration,
     pub max_clients: usize,
+    pub max_grace_clients_per_user: usize,
     pub drain: Duration,
     pub command: Vec<String>,
     pub debug_tee_dir: Option<PathBuf>,
@@ -248,7 +256,8 @@ impl Args {
             window: self.window_bytes,
             buffer_bytes: self.buffer_bytes.max(self.window_bytes as usize),
             resume_grace: Duration::from_secs(self.resume_grace_seconds),
-            max_clients: self.max_clients,
+            max_clients: self.max_clients as usize,
+            max_grace_clients_per_user: self.max_grace_clients_per_user as usize,
             drain: Duration::from_secs(self.drain_seconds),
             command,
             debug_tee_dir: self.debug_tee_dir,

@@ -10,6 +10,7 @@ pub mod config;
 pub mod metrics;
 mod recording;
 mod server;
+pub mod slots;
 pub mod term;
 pub mod tmux;
 

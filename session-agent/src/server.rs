@@ -22,6 +22,7 @@ use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::{CodeLabel, Metrics, ModeLabel};
+use crate::slots;
 use crate::term::{Options, READ_CHUNK, TermClient};
 use crate::tmux::Tmux;
 use crate::{Config, Error, Outcome, Result, TerminationMessage};
@@ -41,6 +42,38 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Output sent per turn of the connection loop before input is looked at again.
 const SEND_BATCH: usize = 256 * 1024;
 
+/// The clients holding slots, and how many more are being opened right now; one lock, so that
+/// admission is decided and its slot taken in one step.
+#[derive(Default)]
+struct Clients {
+    map: HashMap<ClientId, Arc<TermClient>>,
+    opening: usize,
+}
+
+impl Clients {
+    fn holders(&self) -> Vec<slots::Holder> {
+        self.map
+            .values()
+            .map(|c| slots::Holder {
+                id: c.id,
+                user: c.user.clone(),
+                mode: c.mode,
+                disconnected_at: {
+                    let st = c.state.lock().unwrap();
+                    if st.connection == 0 {
+                        Some(st.disconnected_at.unwrap_or_else(Instant::now))
+                    } else {
+                        None
+                    }
+                },
+            })
+            .collect()
+    }
+}
+
+/// The takeover generation that tells a connection its client was evicted for a driver.
+const EVICTED: u64 = u64::MAX;
+
 /// How the session is ending, broadcast to connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Ending {
@@ -53,7 +86,7 @@ struct Agent {
     tmux: Tmux,
     verifier: Verifier,
     metrics: Arc<Metrics>,
-    clients: Mutex<HashMap<ClientId, Arc<TermClient>>>,
+    clients: Mutex<Clients>,
     connections: AtomicUsize,
     last_detached: Mutex<Instant>,
     ready: AtomicBool,
@@ -115,7 +148,7 @@ async fn serve(
         tmux: tmux.clone(),
         verifier,
         metrics: Arc::new(Metrics::new()),
-        clients: Mutex::new(HashMap::new()),
+        clients: Mutex::new(Clients::default()),
         connections: AtomicUsize::new(0),
         last_detached: Mutex::new(Instant::now()),
         ready: AtomicBool::new(true),
@@ -154,7 +187,7 @@ async fn serve(
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     server.abort();
-    agent.clients.lock().unwrap().clear();
+    agent.clients.lock().unwrap().map.clear();
     info!(?outcome, "session ended");
     outcome
 }
@@ -196,7 +229,7 @@ async fn supervise(agent: &Arc<Agent>, shutdown: impl Future<Output = ()>) -> Re
             }
         }
         let grace = agent.cfg.resume_grace;
-        agent.clients.lock().unwrap().retain(|id, c| {
+        agent.clients.lock().unwrap().map.retain(|id, c| {
             let st = c.state.lock().unwrap();
             let keep = !st.closed && st.disconnected_at.is_none_or(|t| t.elapsed() < grace);
             if !keep {
@@ -259,7 +292,10 @@ async fn attach(
 
 /// Why a connection loop ended.
 enum End {
-    /// The peer went away (close frame or broken stream): keep its client for the grace period.
+    /// The peer closed with `1000`: it is leaving for good, its client goes at once.
+    Left,
+    /// The peer went away (another close code, or a broken stream): keep its client for the
+    /// grace period.
     Gone,
     /// The agent closes with this code.
     Close(CloseCode, Option<String>),
@@ -312,8 +348,32 @@ async fn connection(
 
     let (client, start, offset) = match first {
         ClientFrame::Open { size } => {
-            if agent.clients.lock().unwrap().len() >= agent.cfg.max_clients {
+            let limits = slots::Limits {
+                max_clients: agent.cfg.max_clients,
+                grace_per_user: agent.cfg.max_grace_clients_per_user,
+            };
+            let evicted = {
+                let mut clients = agent.clients.lock().unwrap();
+                let holders = clients.holders();
+                match slots::admit(&holders, clients.opening, limits, &claims.sub, mode) {
+                    slots::Admission::Full => None,
+                    slots::Admission::Admit { evict } => {
+                        clients.opening += 1;
+                        Some(
+                            evict
+                                .iter()
+                                .filter_map(|id| clients.map.remove(id))
+                                .collect::<Vec<_>>(),
+                        )
+                    }
+                }
+            };
+            let Some(evicted) = evicted else {
                 return close(&agent, socket, CloseCode::TOO_MANY_CLIENTS, None).await;
+            };
+            for old in evicted {
+                info!(client = %old.id, user = %old.user, "client evicted to make room");
+                old.takeover.send_replace(EVICTED);
             }
             let opts = Options {
                 mode,
@@ -324,6 +384,14 @@ async fn connection(
                 tee_dir: agent.cfg.debug_tee_dir.as_deref(),
             };
             let spawned = TermClient::spawn(&agent.tmux, opts, agent.metrics.clone());
+            let spawned = {
+                let mut clients = agent.clients.lock().unwrap();
+                clients.opening -= 1;
+                if let Ok(c) = &spawned {
+                    clients.map.insert(c.id, c.clone());
+                }
+                spawned
+            };
             let client = match spawned {
                 Ok(c) => c,
                 Err(e) => {
@@ -331,11 +399,6 @@ async fn connection(
                     return close(&agent, socket, CloseCode::INTERNAL, None).await;
                 }
             };
-            agent
-                .clients
-                .lock()
-                .unwrap()
-                .insert(client.id, client.clone());
             (client, Start::New, 0)
         }
         ClientFrame::Resume {
@@ -343,7 +406,7 @@ async fn connection(
             offset,
             size,
         } => {
-            let found = agent.clients.lock().unwrap().get(&client_id).cloned();
+            let found = agent.clients.lock().unwrap().map.get(&client_id).cloned();
             let Some(client) = found else {
                 return close(&agent, socket, CloseCode::UNKNOWN_CLIENT, None).await;
             };
@@ -398,17 +461,37 @@ async fn connection(
     let end = drive(&agent, &mut socket, &client, generation, start, offset).await;
 
     gauge.dec();
-    {
+    let still_ours = {
         let mut st = client.state.lock().unwrap();
-        if st.connection == generation {
+        let ours = st.connection == generation;
+        if ours {
             st.connection = 0;
             st.disconnected_at = Some(Instant::now());
+        }
+        ours
+    };
+    if still_ours {
+        let mut clients = agent.clients.lock().unwrap();
+        if matches!(end, Ok(End::Left)) {
+            // Leaving for good (close code 1000): the slot is free at once.
+            clients.map.remove(&client.id);
+        } else {
+            // Lost: kept for a resume, within the user's share of grace slots.
+            let limits = slots::Limits {
+                max_clients: agent.cfg.max_clients,
+                grace_per_user: agent.cfg.max_grace_clients_per_user,
+            };
+            for id in slots::over_grace_limit(&clients.holders(), limits, &client.user) {
+                debug!(client = %id, "grace-period client dropped: its user holds too many");
+                clients.map.remove(&id);
+            }
         }
     }
     if agent.connections.fetch_sub(1, Ordering::SeqCst) == 1 {
         *agent.last_detached.lock().unwrap() = Instant::now();
     }
     match end {
+        Ok(End::Left) => info!("client left"),
         Ok(End::Gone) | Err(_) => info!("client disconnected"),
         Ok(End::Close(code, why)) => {
             info!(
@@ -490,7 +573,12 @@ async fn drive(
         tokio::select! {
             biased;
             _ = takeover.changed() => {
-                if *takeover.borrow() != generation {
+                let now = *takeover.borrow();
+                if now == EVICTED {
+                    let why = "an interactive client needed this slot".to_owned();
+                    return Ok(End::Close(CloseCode::TOO_MANY_CLIENTS, Some(why)));
+                }
+                if now != generation {
                     return Ok(End::Close(CloseCode::TAKEN_OVER, None));
                 }
             }
@@ -522,6 +610,7 @@ async fn drive(
                 };
                 let bytes = match msg {
                     Message::Binary(b) => b,
+                    Message::Close(Some(f)) if f.code == CloseCode::NORMAL.0 => return Ok(End::Left),
                     Message::Close(_) => return Ok(End::Gone),
                     Message::Ping(_) | Message::Pong(_) => continue,
                     Message::Text(_) => return Ok(End::Close(CloseCode::BAD_FRAME, Some("text messages are not part of tether.v1".into()))),

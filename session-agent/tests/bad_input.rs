@@ -296,3 +296,99 @@ async fn clients_beyond_the_limit_are_refused() {
     );
     witness_still_served(&mut first, 1).await;
 }
+
+/// The ticket of `user` in `mode`, opened; `None` when the agent refused with 4429.
+async fn try_open(agent: &TestAgent, user: &str, mode: Mode) -> Option<Term> {
+    let ws = agent.connect(Some(&agent.ticket_for(user, mode))).await;
+    match TerminalClient::open(ws, Size::default()).await {
+        Ok((t, _)) => Some(t),
+        Err(tether_protocol::client::ClientError::Closed {
+            code: Some(CloseCode::TOO_MANY_CLIENTS),
+            ..
+        }) => None,
+        Err(e) => panic!("{user}: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_observer_who_opens_and_drops_connections_cannot_lock_anyone_out() {
+    let agent = TestAgent::start(&["--max-clients=4", "--max-grace-clients-per-user=2"]).await;
+    // mallory, an observer, opens and drops (no close: a "network cut") ten connections, each
+    // leaving a client for its grace period.
+    for _ in 0..10 {
+        let t = try_open(&agent, "mallory", Mode::Observe)
+            .await
+            .expect("mallory may reuse her own grace slots");
+        drop(t.into_inner());
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // She holds at most two of the four; another observer still gets in.
+    let _bob = try_open(&agent, "bob", Mode::Observe)
+        .await
+        .expect("bob observes: mallory's lost connections hold at most two slots");
+    // mallory now keeps every remaining slot with live connections…
+    let mut live = Vec::new();
+    while let Some(t) = try_open(&agent, "mallory", Mode::Observe).await {
+        live.push(t);
+        assert!(live.len() <= 4, "more clients than slots");
+    }
+    // …and the driver is still admitted: an observer's slot makes room.
+    let mut alice = try_open(&agent, "alice", Mode::Attach)
+        .await
+        .expect("a driver is never locked out by observers");
+    alice.send_input(b"echo driver-$((6*7))\r").await.unwrap();
+    read_until(&mut alice, "driver-42").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_leaves_with_1000_frees_its_slot_at_once_a_lost_one_keeps_it() {
+    let agent = TestAgent::start(&["--max-clients=1"]).await;
+    // Lost (dropped without a close): kept for a resume, so another observer is refused…
+    let t = try_open(&agent, "alice", Mode::Observe).await.unwrap();
+    let state = t.resume_state();
+    drop(t.into_inner());
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        try_open(&agent, "bob", Mode::Observe).await.is_none(),
+        "the grace slot is alice's"
+    );
+    // …and alice resumes it.
+    let ws = agent
+        .connect(Some(&agent.ticket_for("alice", Mode::Observe)))
+        .await;
+    let (t, _) = TerminalClient::resume(ws, state, Size::default())
+        .await
+        .expect("alice resumes");
+    // Leaving for good: the slot is free immediately.
+    t.close().await.unwrap();
+    // The close is asynchronous; a freed slot shows within moments, a kept one not for 60 s.
+    let mut bob = None;
+    for _ in 0..30 {
+        bob = try_open(&agent, "bob", Mode::Observe).await;
+        if bob.is_some() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(bob.is_some(), "the slot was not freed by a close with 1000");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_openings_never_take_more_slots_than_there_are() {
+    let agent = std::sync::Arc::new(TestAgent::start(&["--max-clients=3"]).await);
+    let opens = (0..20).map(|i| {
+        let agent = agent.clone();
+        tokio::spawn(async move { try_open(&agent, &format!("user{i}"), Mode::Observe).await })
+    });
+    let admitted: Vec<Term> = futures::future::join_all(opens)
+        .await
+        .into_iter()
+        .filter_map(|r| r.unwrap())
+        .collect();
+    assert_eq!(
+        admitted.len(),
+        3,
+        "admitted {} of 20 with 3 slots",
+        admitted.len()
+    );
+}

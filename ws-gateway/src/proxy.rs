@@ -272,22 +272,45 @@ where
     let agent_send_timeout = settings.agent_send_timeout;
     const CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 
-    // Tells the agent we left (bounded: a stuck agent must not hold us).
+    // Tells the agent how the client went (bounded: a stuck agent must not hold us): `1000` when
+    // it left for good (its own close with 1000, a revocation, a protocol violation), so the
+    // agent frees its slot at once; `1001` when it was lost or will be back (a broken connection,
+    // any other close, our shutdown, a sign-out, a client that stopped reading), so the agent
+    // keeps it for a resume.
     macro_rules! leave_agent {
-        () => {{
-            let _ = timeout(
-                CLOSE_TIMEOUT,
-                a_tx.send(close_msg(1000, "client left the gateway")),
-            )
-            .await;
+        () => {
+            leave_agent!(1001)
+        };
+        ($code:expr) => {{
+            let code: u16 = $code;
+            let words = if code == 1000 {
+                "client left for good"
+            } else {
+                "client connection lost; it may resume"
+            };
+            let _ = timeout(CLOSE_TIMEOUT, a_tx.send(close_msg(code, words))).await;
         }};
     }
+    // What the agent is told when the gateway ends a connection with `code`.
+    let agent_code_for = |code: u16| -> u16 {
+        if [
+            CloseCode::GOING_AWAY.0,
+            CloseCode::SIGNED_OUT.0,
+            CloseCode::KEEPALIVE_TIMEOUT.0,
+        ]
+        .contains(&code)
+        {
+            1001
+        } else {
+            1000
+        }
+    };
     // Closes the client with `code`, tells the agent we left, records the outcome.
     macro_rules! end {
         ($by:expr, $code:expr, $reason:expr) => {{
             let (code, reason): (u16, String) = ($code, $reason);
             let _ = timeout(CLOSE_TIMEOUT, c_tx.send(close_msg(code, &reason))).await;
-            leave_agent!();
+            leave_agent!(agent_code_for(code));
             // Give the client a moment to answer the close, as the protocol asks.
             let _ = timeout(Duration::from_millis(500), async {
                 while let Some(Ok(m)) = c_rx.next().await {
@@ -418,7 +441,7 @@ where
                     Some(Ok(Message::Text(_))) => end!(EndedBy::GatewayProtocol, CloseCode::BAD_FRAME.0, "text messages are not part of tether.v1".into()),
                     Some(Ok(Message::Close(f))) => {
                         let (code, reason) = f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
-                        leave_agent!();
+                        leave_agent!(if code == 1000 { 1000 } else { 1001 });
                         gone!(EndedBy::Client, code, if reason.is_empty() { "client closed".into() } else { reason });
                     }
                     Some(Ok(_)) => {} // ping/pong: tungstenite answers pings itself

@@ -334,3 +334,105 @@ async fn an_agent_that_never_answers_the_upgrade_is_a_prompt_502() {
         started.elapsed()
     );
 }
+
+/// An agent that welcomes the client and reports the close code the gateway ends with.
+async fn listening_agent() -> (
+    std::net::SocketAddr,
+    tokio::sync::mpsc::UnboundedReceiver<u16>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                #[allow(clippy::result_large_err)]
+                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(
+                    stream,
+                    |_: &Request, mut resp: Response| {
+                        resp.headers_mut()
+                            .insert("sec-websocket-protocol", SUBPROTOCOL.parse().unwrap());
+                        Ok(resp)
+                    },
+                )
+                .await
+                else {
+                    return;
+                };
+                let _first = ws.next().await;
+                let _ = ws.send(Message::binary(welcome())).await;
+                let code = loop {
+                    match ws.next().await {
+                        Some(Ok(Message::Close(f))) => break f.map_or(1005, |f| u16::from(f.code)),
+                        Some(Ok(_)) => {}
+                        _ => break 1006,
+                    }
+                };
+                let _ = tx.send(code);
+            });
+        }
+    });
+    (addr, rx)
+}
+
+async fn next_code(codes: &mut tokio::sync::mpsc::UnboundedReceiver<u16>) -> u16 {
+    tokio::time::timeout(Duration::from_secs(10), codes.recv())
+        .await
+        .expect("the agent's connection ended")
+        .unwrap()
+}
+
+async fn welcomed(ws: &mut Ws) {
+    let m = tokio::time::timeout(Duration::from_secs(10), ws.next())
+        .await
+        .unwrap();
+    assert!(matches!(m, Some(Ok(Message::Binary(_)))), "{m:?}");
+}
+
+/// The agent frees a client at once only when it leaves for good (`1000`); the gateway tells it
+/// which: the client's own 1000 is relayed as 1000, a lost client connection and the gateway's
+/// own shutdown as 1001, so those clients stay resumable.
+#[tokio::test]
+async fn the_agent_hears_1000_only_when_the_client_leaves_for_good() {
+    let (agent, mut codes) = listening_agent().await;
+    let mut gw = gateway_for(agent, Arc::default()).await;
+    let mut ws = opened(&gw).await;
+    welcomed(&mut ws).await;
+    ws.send(Message::Close(Some(CloseFrame {
+        code: 1000.into(),
+        reason: "bye".into(),
+    })))
+    .await
+    .unwrap();
+    assert_eq!(next_code(&mut codes).await, 1000, "left for good");
+
+    let mut ws = opened(&gw).await;
+    welcomed(&mut ws).await;
+    drop(ws); // a network cut
+    assert_eq!(next_code(&mut codes).await, 1001, "lost: resumable");
+
+    let mut ws = opened(&gw).await;
+    welcomed(&mut ws).await;
+    ws.send(Message::Close(Some(CloseFrame {
+        code: 1001.into(),
+        reason: "tab closed".into(),
+    })))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_code(&mut codes).await,
+        1001,
+        "a closing tab may come back"
+    );
+
+    let mut ws = opened(&gw).await;
+    welcomed(&mut ws).await;
+    gw.stop().await;
+    assert_eq!(
+        next_code(&mut codes).await,
+        1001,
+        "the gateway restarting: resumable"
+    );
+    drop(ws);
+}
