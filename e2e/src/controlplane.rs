@@ -463,7 +463,9 @@ impl ControlPlane {
                 "--endpoint-reconciler-type={}",
                 if loopback { "none" } else { "lease" }
             ),
-            "--enable-priority-and-fairness=false".to_string(),
+            // API Priority and Fairness on, as on every cluster since 1.20: the chart ships
+            // FlowSchemas, and the tests read the levels the server assigns.
+            "--enable-priority-and-fairness=true".to_string(),
             "--profiling=false".to_string(),
             "--v=1".to_string(),
         ];

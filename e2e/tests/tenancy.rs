@@ -461,7 +461,14 @@ async fn the_gateways_reviews_and_the_operators_leases_have_their_own_priority_l
     assert_eq!(
         level_of(
             &gateway,
-            &["create", "-f", sar.to_str().unwrap(), "-o", "name"]
+            &[
+                "create",
+                "--validate=false",
+                "-f",
+                sar.to_str().unwrap(),
+                "-o",
+                "name"
+            ]
         ),
         uid_of("tether-gateway-reviews")
     );

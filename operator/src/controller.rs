@@ -74,7 +74,9 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<TerminalSession>, u32>>,
     /// Pods this replica created whose name and UID the status does not hold yet (the status
     /// write failed, for example on a conflict): still ours on the retry.
-    created: Mutex<HashMap<ObjectRef<TerminalSession>, (String, String)>>,
+    /// Keyed by session reference; the value is (session UID, pod name, pod UID), so a namesake
+    /// created after a delete never inherits an entry.
+    created: Mutex<HashMap<ObjectRef<TerminalSession>, (String, String, String)>>,
     clock: fn() -> Timestamp,
 }
 
@@ -202,7 +204,13 @@ async fn reconcile_inner(
         ctx.created.lock().expect("not poisoned").remove(&key);
         None
     } else {
-        ctx.created.lock().expect("not poisoned").get(&key).cloned()
+        let session_uid = session.uid().unwrap_or_default();
+        ctx.created
+            .lock()
+            .expect("not poisoned")
+            .get(&key)
+            .filter(|(uid, _, _)| *uid == session_uid)
+            .map(|(_, name, pod_uid)| (name.clone(), pod_uid.clone()))
     };
     let (ours, foreign) = session_pods(session, &old, unrecorded.as_ref(), &pods).await?;
 
@@ -219,10 +227,14 @@ async fn reconcile_inner(
             Ok(pod) => {
                 ctx.rejections.lock().expect("not poisoned").remove(&key);
                 let name = pod.name_any();
-                ctx.created
-                    .lock()
-                    .expect("not poisoned")
-                    .insert(key.clone(), (name.clone(), pod.uid().unwrap_or_default()));
+                ctx.created.lock().expect("not poisoned").insert(
+                    key.clone(),
+                    (
+                        session.uid().unwrap_or_default(),
+                        name.clone(),
+                        pod.uid().unwrap_or_default(),
+                    ),
+                );
                 info!(pod = %name, uid = ?pod.uid(), "created session pod");
                 ctx.publish(
                     session,
@@ -297,17 +309,26 @@ async fn session_pods(
     let uid = session
         .uid()
         .ok_or(Error::MissingObjectKey("metadata.uid"))?;
-    // From the API server's watch cache: as cheap as the GET it replaces.
-    let params = ListParams::default()
-        .labels(&format!("{}={uid}", labels::SESSION_UID))
-        .match_any();
+    // A consistent list (not `resourceVersion=0`, which may be stale): a pod created a moment
+    // ago must not look gone, which would fail the session for good.
+    let params = ListParams::default().labels(&format!("{}={uid}", labels::SESSION_UID));
     let mut ours = None;
     let mut foreign = Vec::new();
     for pod in pods.list(&params).await? {
         let (name, pod_uid) = (pod.name_any(), pod.uid().unwrap_or_default());
         let recorded = match (old.pod_name.as_deref(), old.pod_uid.as_deref(), unrecorded) {
             (Some(n), Some(u), _) => n == name && u == pod_uid,
-            (Some(n), None, _) => n == name,
+            // A status written before UIDs were recorded: that pod, if it is no younger than
+            // the PodCreated condition that recorded it (a pod made after it is someone else's).
+            (Some(n), None, _) => {
+                let recorded_at = old
+                    .conditions
+                    .iter()
+                    .find(|cd| cd.type_ == c::POD_CREATED && cd.status == "True")
+                    .map(|cd| cd.last_transition_time.0);
+                let created_at = pod.metadata.creation_timestamp.as_ref().map(|t| t.0);
+                n == name && matches!((created_at, recorded_at), (Some(p), Some(r)) if p <= r)
+            }
             (None, _, Some((n, u))) => *n == name && *u == pod_uid,
             (None, _, None) => false,
         };

@@ -292,7 +292,8 @@ fn agent_env(
         .env
         .iter()
         .filter(|e| !e.name.starts_with("TETHER_"))
-        .map(|e| serde_json::json!({"name": e.name, "value": e.value}))
+        // `$$`: Kubernetes expands `$(VAR)` in env values; the shell's values are data.
+        .map(|e| serde_json::json!({"name": e.name, "value": e.value.replace('$', "$$")}))
         .collect();
     env.push(var(
         "TETHER_SHELL_ENV",
@@ -689,7 +690,8 @@ mod tests {
             .with_env("TETHER_LISTEN", "0.0.0.0:1")
             .with_env("LD_PRELOAD", "/tmp/evil.so")
             .with_env("PATH", "/tmp/bin")
-            .with_env("HOME", "/tmp/h");
+            .with_env("HOME", "/tmp/h")
+            .with_env("PS1", "$(TETHER_COMMAND) $ ");
         let pod = build_pod(&s, &Settings::default(), "dev-x").unwrap();
         let names: Vec<_> = container(&pod)
             .env
@@ -717,7 +719,9 @@ mod tests {
             [
                 ("LD_PRELOAD", "/tmp/evil.so"),
                 ("PATH", "/tmp/bin"),
-                ("HOME", "/tmp/h")
+                ("HOME", "/tmp/h"),
+                // Escaped, so the kubelet's $(VAR) expansion gives the shell exactly this.
+                ("PS1", "$$(TETHER_COMMAND) $$ "),
             ],
             "the shell gets them, TETHER_* excepted"
         );

@@ -439,14 +439,23 @@ async fn connection(
     };
     tracing::Span::current().record("client", tracing::field::display(client.id));
 
-    // Claim the client; a connection still driving it is told to close.
+    // Claim the client; a connection still driving it is told to close. Under the clients lock:
+    // a client evicted meanwhile (to make room for a driver) must not come back outside the map.
     let generation = agent.generation.fetch_add(1, Ordering::SeqCst) + 1;
-    {
-        let mut st = client.state.lock().unwrap();
-        st.connection = generation;
-        st.disconnected_at = None;
+    let claimed = {
+        let clients = agent.clients.lock().unwrap();
+        let present = clients.map.contains_key(&client.id);
+        if present {
+            let mut st = client.state.lock().unwrap();
+            st.connection = generation;
+            st.disconnected_at = None;
+            client.takeover.send_replace(generation);
+        }
+        present
+    };
+    if !claimed {
+        return close(&agent, socket, CloseCode::UNKNOWN_CLIENT, None).await;
     }
-    client.takeover.send_replace(generation);
     agent.connections.fetch_add(1, Ordering::SeqCst);
     let gauge = agent
         .metrics

@@ -261,12 +261,26 @@ impl Authorizer {
             .unwrap_or_else(|p| p.into_inner())
             .get(namespace, name)
             .cloned();
-        if let Some(s) = &session
+        self.check_view(user, namespace, name, session.as_ref(), mode)
+            .await
+    }
+
+    /// [`Self::check`] against a view of the session the caller already holds (or `None` for a
+    /// session the index does not know), so that what is decided is exactly what is then used.
+    pub async fn check_view(
+        &self,
+        user: &UserInfo,
+        namespace: &str,
+        name: &str,
+        session: Option<&SessionView>,
+        mode: Mode,
+    ) -> Result<Decision, AuthzError> {
+        if let Some(s) = session
             && let Some(d) = by_ownership(s, user, mode)
         {
             return Ok(d);
         }
-        let owner = session.as_ref().and_then(|s| s.owner.clone());
+        let owner = session.and_then(|s| s.owner.clone());
         if owner.is_none() {
             let d = self.rbac(user, namespace, Some(name), verb(mode)).await?;
             if d.allowed {

@@ -15,9 +15,10 @@ use crate::Gateway;
 use crate::authn::UserInfo;
 use crate::index::SessionView;
 
-/// Whether `user` may open `namespace/name` in `mode` now: the RBAC decision first (so nothing
-/// about a session leaks to someone who may not see it), then the index. On refusal, the
-/// handshake-failure label and the error the user reads.
+/// Whether `user` may open `namespace/name` in `mode` now: the access decision first (so nothing
+/// about a session leaks to someone who may not see it), then the index. Both use one read of the
+/// index: a session that gained an owner while a review was in flight is decided as it is now.
+/// On refusal, the handshake-failure label and the error the user reads.
 pub(crate) async fn admit(
     gw: &Gateway,
     user: &UserInfo,
@@ -25,9 +26,15 @@ pub(crate) async fn admit(
     name: &str,
     mode: Mode,
 ) -> Result<(SessionView, String), (&'static str, ApiError)> {
+    let view = gw
+        .index
+        .read()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(namespace, name)
+        .cloned();
     let decision = gw
         .authz
-        .check(user, namespace, name, mode)
+        .check_view(user, namespace, name, view.as_ref(), mode)
         .await
         .map_err(|e| {
             (
@@ -43,7 +50,7 @@ pub(crate) async fn admit(
         ));
     }
     let index = gw.index.read().unwrap_or_else(|p| p.into_inner());
-    let Some(session) = index.get(namespace, name).cloned() else {
+    let Some(session) = view else {
         if let Some(ago) = index.deleted_since(namespace, name, std::time::Instant::now()) {
             return Err((
                 "deleted",
