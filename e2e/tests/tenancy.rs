@@ -426,7 +426,8 @@ async fn the_gateways_reviews_and_the_operators_leases_have_their_own_priority_l
             ])
             .unwrap()
     };
-    // `kubectl -v=8` prints the response headers of each request.
+    // `kubectl -v=8` prints the response headers of each request; the last is the one asked
+    // for (discovery comes first).
     let level_of = |user: &str, args: &[&str]| {
         let mut all = vec!["-v=8", "--as", user];
         all.extend_from_slice(args);
@@ -435,7 +436,7 @@ async fn the_gateways_reviews_and_the_operators_leases_have_their_own_priority_l
             .kubectl(&all)
             .unwrap_or_else(|e| format!("{e:#}"));
         out.lines()
-            .find_map(|l| {
+            .filter_map(|l| {
                 let l = l.to_ascii_lowercase();
                 let i = l.find("x-kubernetes-pf-prioritylevel-uid:")?;
                 Some(
@@ -444,6 +445,7 @@ async fn the_gateways_reviews_and_the_operators_leases_have_their_own_priority_l
                         .to_owned(),
                 )
             })
+            .next_back()
             .unwrap_or_else(|| panic!("no priority level header in: {out}"))
     };
     let sar = cluster.stack.dir().join("sar.json");
