@@ -14,10 +14,9 @@ use common::*;
 use futures::{SinkExt, StreamExt};
 use tether_gateway::index::Index;
 use tether_protocol::frame::Start;
-use tether_protocol::{ClientFrame, ClientId, MAX_SNAPSHOT, Mode, SUBPROTOCOL, ServerFrame, Size};
+use tether_protocol::{ClientFrame, ClientId, MAX_SNAPSHOT, Mode, ServerFrame, Size};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 
 struct Counting;
 
@@ -87,17 +86,7 @@ async fn flooding_agent() -> std::net::SocketAddr {
             };
             let (snapshot, head) = (snapshot.clone(), head.clone());
             tokio::spawn(async move {
-                #[allow(clippy::result_large_err)]
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(
-                    stream,
-                    |_: &Request, mut resp: Response| {
-                        resp.headers_mut()
-                            .insert("sec-websocket-protocol", SUBPROTOCOL.parse().unwrap());
-                        Ok(resp)
-                    },
-                )
-                .await
-                else {
+                let Some(mut ws) = accept_as_agent(stream).await else {
                     return;
                 };
                 let _open = ws.next().await;

@@ -15,10 +15,9 @@ use tether_gateway::authn::UserInfo;
 use tether_gateway::authz::{AccessReviewer, AuthzError, Decision};
 use tether_gateway::index::Index;
 use tether_protocol::frame::Start;
-use tether_protocol::{ClientFrame, ClientId, CloseCode, Mode, SUBPROTOCOL, ServerFrame, Size};
+use tether_protocol::{ClientFrame, ClientId, CloseCode, Mode, ServerFrame, Size};
 use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 
 /// What the fake agent does once a client has sent its first frame.
@@ -61,17 +60,7 @@ async fn fake_agent(behaviour: Behaviour) -> std::net::SocketAddr {
                     drop(stream);
                     return;
                 }
-                #[allow(clippy::result_large_err)]
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(
-                    stream,
-                    |_: &Request, mut resp: Response| {
-                        resp.headers_mut()
-                            .insert("sec-websocket-protocol", SUBPROTOCOL.parse().unwrap());
-                        Ok(resp)
-                    },
-                )
-                .await
-                else {
+                let Some(mut ws) = accept_as_agent(stream).await else {
                     return;
                 };
                 if let Behaviour::StopReading = behaviour {
@@ -347,17 +336,7 @@ async fn listening_agent() -> (
         while let Ok((stream, _)) = listener.accept().await {
             let tx = tx.clone();
             tokio::spawn(async move {
-                #[allow(clippy::result_large_err)]
-                let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(
-                    stream,
-                    |_: &Request, mut resp: Response| {
-                        resp.headers_mut()
-                            .insert("sec-websocket-protocol", SUBPROTOCOL.parse().unwrap());
-                        Ok(resp)
-                    },
-                )
-                .await
-                else {
+                let Some(mut ws) = accept_as_agent(stream).await else {
                     return;
                 };
                 let _first = ws.next().await;

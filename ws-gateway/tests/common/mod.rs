@@ -490,3 +490,19 @@ pub async fn still_serving(t: &mut TerminalClient<Ws>, marker: &str) {
     .await;
     assert!(got.is_ok(), "honest client got no echo of {marker}");
 }
+
+/// Accepts `stream` as a session agent would: the WebSocket upgrade with `tether.v1` selected.
+/// `None` when the peer did not complete the upgrade. For fake agents in tests.
+#[allow(dead_code)]
+pub async fn accept_as_agent(stream: TcpStream) -> Option<WebSocketStream<TcpStream>> {
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+    #[allow(clippy::result_large_err)]
+    let answer = |_: &Request, mut resp: Response| {
+        resp.headers_mut()
+            .insert("sec-websocket-protocol", SUBPROTOCOL.parse().unwrap());
+        Ok(resp)
+    };
+    tokio_tungstenite::accept_hdr_async(stream, answer)
+        .await
+        .ok()
+}
