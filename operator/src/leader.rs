@@ -7,7 +7,9 @@
 //! renewals fail and it keeps believing it leads, while a standby that still reaches the server
 //! takes the expired lease. So a leader also runs a watchdog, like client-go's renew deadline: it
 //! reads the Lease itself and steps down when it has not seen its own unexpired hold for long
-//! enough that the lease may expire before it could learn otherwise.
+//! enough that the lease may expire before it could learn otherwise. A slow API server alone
+//! does not end a leadership: reads overlap, so one stuck request does not hide the next
+//! answer, while the deadline still never passes what an answer proved.
 
 use std::time::{Duration, SystemTime};
 
@@ -88,7 +90,7 @@ impl Leadership {
         self.watching = Some(tokio::spawn(async move {
             tokio::select! {
                 _ = state.wait_for(|leading| !*leading) => {}
-                _ = watchdog(leases, settings) => {}
+                _ = watchdog(|| leases.get_opt(&settings.name), settings.clone()) => {}
             }
             let _ = tx.send(true);
         }));
@@ -141,33 +143,52 @@ pub fn acts_until(lease: &Lease, identity: &str, margin: Duration) -> Option<Sys
     Some((renewed + duration).checked_sub(margin).unwrap_or(renewed))
 }
 
+/// At most this many reads of the Lease are in flight at once.
+const READS_IN_FLIGHT: usize = 3;
+
 /// Returns when this replica must stop acting: the Lease names someone else or is gone, or the
 /// time its last seen hold allows has come (the API server is unreachable, renewals fail). The
 /// deadline is a timer of its own, so a slow or hanging read cannot delay it.
-async fn watchdog(leases: Api<Lease>, settings: LeaseSettings) {
+///
+/// A slow API server alone does not make a leader step down: a new read starts every
+/// [`check_every`] even while earlier ones are still waiting (at most [`READS_IN_FLIGHT`]), so
+/// one request stuck in a queue or on a dead connection does not hide the answers of the next.
+/// Whichever read answers, the deadline only moves to what that answer proves: the hold it
+/// shows, as renewed at its `renewTime`, less the margin. It never moves past the lease's own
+/// expiry, so no standby can take the lease while this replica still acts.
+async fn watchdog<R, F>(read: R, settings: LeaseSettings)
+where
+    R: Fn() -> F,
+    F: Future<Output = kube::Result<Option<Lease>>>,
+{
     let margin = margin(&settings);
-    let every = check_every(&settings);
-    // Until the first read: a lease just taken or renewed. The first read comes at once, since
-    // a replica restarted under the same identity may hold an older renewal.
+    // Until the first answer: a lease just taken or renewed. The first read starts at once,
+    // since a replica restarted under the same identity may hold an older renewal.
     let mut until = SystemTime::now() + settings.duration.saturating_sub(margin);
-    let mut pause = Duration::ZERO;
+    let mut answered = false;
+    let mut tick = tokio::time::interval(check_every(&settings));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut reads = futures::stream::FuturesUnordered::new();
     loop {
         let left = until
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO);
-        let wait = std::mem::replace(&mut pause, every);
-        let read = async {
-            tokio::time::sleep(wait).await;
-            tokio::time::timeout(settings.duration, leases.get_opt(&settings.name)).await
-        };
         tokio::select! {
             () = tokio::time::sleep(left) => {
-                warn!("could not confirm the leader lease before it could expire; stepping down");
+                warn!(in_flight = reads.len(), "could not confirm the leader lease before it could expire; stepping down");
                 return;
             }
-            answer = read => match answer {
+            _ = tick.tick(), if reads.len() < READS_IN_FLIGHT => {
+                reads.push(tokio::time::timeout(settings.duration, read()));
+            }
+            Some(answer) = futures::StreamExt::next(&mut reads) => match answer {
                 Ok(Ok(Some(lease))) => match acts_until(&lease, &settings.identity, margin) {
-                    Some(t) => until = t,
+                    // The first answer replaces the guess, which may be later than the truth.
+                    // An answer that overtook a newer one shows an older renewal: keep the later.
+                    Some(t) => {
+                        until = if answered { until.max(t) } else { t };
+                        answered = true;
+                    }
                     None => {
                         let holder = lease.spec.and_then(|s| s.holder_identity).unwrap_or_default();
                         warn!(%holder, "the leader lease is held by another replica");
@@ -261,5 +282,105 @@ mod tests {
         // renewal has 3.75 s to land and be read: at least three reads.
         assert_eq!(margin(&s), Duration::from_millis(1250));
         assert!(check_every(&s) * 3 <= s.grace - margin(&s));
+    }
+
+    fn settings(duration: u64, grace: u64) -> LeaseSettings {
+        LeaseSettings {
+            name: "l".into(),
+            namespace: "n".into(),
+            identity: "me".into(),
+            duration: Duration::from_secs(duration),
+            grace: Duration::from_secs(grace),
+        }
+    }
+
+    fn held_since(at: SystemTime, holder: &str, duration: i32) -> Lease {
+        Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                renew_time: Some(MicroTime(Timestamp::try_from(at).unwrap())),
+                lease_duration_seconds: Some(duration),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A read that never answers, as a request stuck in the API server's queue.
+    async fn stuck() -> kube::Result<Option<Lease>> {
+        std::future::pending().await
+    }
+
+    #[tokio::test]
+    async fn one_stuck_read_does_not_make_a_renewing_leader_step_down() {
+        let reads = std::sync::atomic::AtomicUsize::new(0);
+        let read = || {
+            let n = reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    stuck().await
+                } else {
+                    // Renewals land: every later answer shows a fresh hold.
+                    Ok(Some(held_since(SystemTime::now(), "me", 2)))
+                }
+            }
+        };
+        // Three lease durations: the first read would have held the leader past its deadline.
+        let outcome =
+            tokio::time::timeout(Duration::from_secs(6), watchdog(read, settings(2, 1))).await;
+        assert!(
+            outcome.is_err(),
+            "the leader stepped down though renewals landed"
+        );
+        assert!(reads.load(std::sync::atomic::Ordering::SeqCst) > 2);
+    }
+
+    #[tokio::test]
+    async fn a_leader_that_hears_nothing_steps_down_before_its_lease_expires() {
+        let renewed = SystemTime::now();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            watchdog(|| stuck(), settings(4, 2)),
+        )
+        .await
+        .expect("the watchdog never stepped down");
+        let expiry = renewed + Duration::from_secs(4);
+        assert!(
+            SystemTime::now() < expiry,
+            "stepped down {:?} after the lease expired",
+            SystemTime::now().duration_since(expiry).unwrap_or_default()
+        );
+    }
+
+    #[tokio::test]
+    async fn the_first_answer_replaces_the_guess_even_when_it_shows_an_older_renewal() {
+        // Restarted under the same identity: the lease it finds was renewed 3 s ago and expires
+        // in 1 s, far earlier than the guess of a fresh hold.
+        let renewed = SystemTime::now() - Duration::from_secs(3);
+        let reads = std::sync::atomic::AtomicUsize::new(0);
+        let read = || {
+            let n = reads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                if n == 0 {
+                    Ok(Some(held_since(renewed, "me", 4)))
+                } else {
+                    stuck().await
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), watchdog(read, settings(4, 2)))
+            .await
+            .expect("the watchdog never stepped down");
+        assert!(SystemTime::now() < renewed + Duration::from_secs(4));
+    }
+
+    #[tokio::test]
+    async fn another_holder_or_a_deleted_lease_ends_leadership_at_once() {
+        let started = std::time::Instant::now();
+        let other = || async { Ok(Some(held_since(SystemTime::now(), "usurper", 60))) };
+        watchdog(other, settings(4, 2)).await;
+        let gone = || async { Ok(None) };
+        watchdog(gone, settings(4, 2)).await;
+        assert!(started.elapsed() < Duration::from_secs(2));
     }
 }
