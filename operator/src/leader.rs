@@ -340,7 +340,7 @@ mod tests {
         let renewed = SystemTime::now();
         tokio::time::timeout(
             Duration::from_secs(10),
-            watchdog(|| stuck(), settings(4, 2)),
+            watchdog(stuck, settings(4, 2)),
         )
         .await
         .expect("the watchdog never stepped down");
