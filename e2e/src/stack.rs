@@ -54,6 +54,8 @@ pub struct Stack {
     operator: Option<Child>,
     gateway: Option<Child>,
     node: Option<Child>,
+    /// Restarts so far and when the next may come, per component, as a kubelet's back-off.
+    backoff: [Restarts; 2],
     /// Development users: `alice` and `carol` (group tether-devs), `bob` (group pair-watchers).
     pub users: Vec<DevUser>,
 }
@@ -98,6 +100,7 @@ impl Stack {
             operator: None,
             gateway: None,
             node: None,
+            backoff: Default::default(),
             users,
         };
         let dev = std::env::current_exe()?;
@@ -149,6 +152,15 @@ impl Stack {
         self.start_operator()
     }
 
+    /// Kills the operator with SIGKILL and leaves it dead, as a crash; [`Stack::revive`] brings
+    /// it back.
+    pub fn crash_operator(&mut self) {
+        if let Some(child) = self.operator.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Stops the gateway gracefully (SIGTERM: it tells clients to reconnect) and starts a new
     /// one on the same port.
     pub async fn restart_gateway(&mut self) -> anyhow::Result<()> {
@@ -157,6 +169,45 @@ impl Stack {
         }
         self.start_gateway()?;
         self.wait_gateway_ready().await
+    }
+
+    /// Restarts the operator or the gateway when it has exited, as a Deployment's kubelet
+    /// would: at once the first time, then after a back-off that doubles up to 5 minutes and
+    /// starts again once a process has run for 10 minutes. Call it every second or so; it
+    /// returns what it did, for the console.
+    pub fn revive(&mut self) -> Vec<String> {
+        let mut done = Vec::new();
+        for (index, name) in ["operator", "gateway"].into_iter().enumerate() {
+            let child = if index == 0 {
+                &mut self.operator
+            } else {
+                &mut self.gateway
+            };
+            let Some(status) = child.as_mut().and_then(|c| c.try_wait().ok().flatten()) else {
+                continue;
+            };
+            let restarts = &mut self.backoff[index];
+            let now = Instant::now();
+            let Some(delay) = restarts.due(now) else {
+                continue;
+            };
+            *child = None;
+            let started = if index == 0 {
+                self.start_operator()
+            } else {
+                self.start_gateway()
+            };
+            done.push(match started {
+                Ok(()) => format!(
+                    "the {name} exited ({status}); restarted it (restart {}, after {}s; log {})",
+                    self.backoff[index].count,
+                    delay.as_secs(),
+                    self.dir.join("logs").join(format!("{name}.log")).display()
+                ),
+                Err(e) => format!("the {name} exited ({status}) and could not be restarted: {e:#}"),
+            });
+        }
+        done
     }
 
     fn start_operator(&mut self) -> anyhow::Result<()> {
@@ -269,6 +320,46 @@ impl Stack {
 impl Drop for Stack {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+/// A component's restarts, for [`Stack::revive`]'s back-off.
+#[derive(Debug, Default)]
+struct Restarts {
+    count: u32,
+    /// When the last restart happened.
+    last: Option<Instant>,
+    /// When an exit was first seen, waiting for its back-off.
+    exited: Option<Instant>,
+}
+
+impl Restarts {
+    const FIRST: Duration = Duration::from_secs(10);
+    const MAX: Duration = Duration::from_secs(300);
+    const RESET_AFTER: Duration = Duration::from_secs(600);
+
+    /// `Some(waited)` when a restart may happen now (and counts it), `None` while backing off.
+    fn due(&mut self, now: Instant) -> Option<Duration> {
+        let exited = *self.exited.get_or_insert(now);
+        if self
+            .last
+            .is_some_and(|last| exited.duration_since(last) >= Self::RESET_AFTER)
+        {
+            self.count = 0;
+        }
+        let delay = match self.count {
+            0 => Duration::ZERO,
+            n => Self::FIRST
+                .saturating_mul(1 << (n - 1).min(5))
+                .min(Self::MAX),
+        };
+        if now.duration_since(exited) < delay {
+            return None;
+        }
+        self.count += 1;
+        self.last = Some(now);
+        self.exited = None;
+        Some(delay)
     }
 }
 
@@ -450,4 +541,50 @@ fn random_token() -> String {
         .and_then(|mut f| f.read_exact(&mut bytes))
         .expect("reading /dev/urandom");
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restarts_back_off_like_a_kubelet_and_start_over_after_a_long_run() {
+        let mut r = Restarts::default();
+        let t0 = Instant::now();
+        assert_eq!(
+            r.due(t0),
+            Some(Duration::ZERO),
+            "the first exit restarts at once"
+        );
+        let t1 = t0 + Duration::from_secs(1);
+        assert_eq!(r.due(t1), None, "the second waits");
+        assert_eq!(r.due(t1 + Duration::from_secs(9)), None);
+        assert_eq!(
+            r.due(t1 + Duration::from_secs(10)),
+            Some(Duration::from_secs(10))
+        );
+        let t2 = t1 + Duration::from_secs(11);
+        assert_eq!(
+            r.due(t2),
+            None,
+            "the back-off counts from when the exit was seen"
+        );
+        assert_eq!(r.due(t2 + Duration::from_secs(19)), None);
+        assert_eq!(
+            r.due(t2 + Duration::from_secs(20)),
+            Some(Duration::from_secs(20))
+        );
+        for _ in 0..10 {
+            r.count += 1;
+        }
+        let t3 = t2 + Duration::from_secs(21);
+        assert_eq!(r.due(t3), None);
+        assert_eq!(
+            r.due(t3 + Restarts::MAX),
+            Some(Restarts::MAX),
+            "the back-off stops growing at 5 minutes"
+        );
+        let t4 = t3 + Restarts::MAX + Restarts::RESET_AFTER;
+        assert_eq!(r.due(t4), Some(Duration::ZERO), "ten minutes up start over");
+    }
 }

@@ -338,12 +338,9 @@ mod tests {
     #[tokio::test]
     async fn a_leader_that_hears_nothing_steps_down_before_its_lease_expires() {
         let renewed = SystemTime::now();
-        tokio::time::timeout(
-            Duration::from_secs(10),
-            watchdog(stuck, settings(4, 2)),
-        )
-        .await
-        .expect("the watchdog never stepped down");
+        tokio::time::timeout(Duration::from_secs(10), watchdog(stuck, settings(4, 2)))
+            .await
+            .expect("the watchdog never stepped down");
         let expiry = renewed + Duration::from_secs(4);
         assert!(
             SystemTime::now() < expiry,

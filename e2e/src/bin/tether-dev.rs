@@ -204,9 +204,22 @@ fn up(api_port: u16, gateway_port: u16) -> anyhow::Result<()> {
             stack.dir().join("logs").display()
         );
         println!("Press Ctrl-C to stop everything.");
-        tokio::signal::ctrl_c()
-            .await
-            .context("waiting for Ctrl-C")?;
+        // The operator and the gateway are processes here, not Deployments: restart them when
+        // they exit (a leader that lost its lease exits on purpose), as a kubelet would.
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(1));
+        let ctrl_c = tokio::signal::ctrl_c();
+        tokio::pin!(ctrl_c);
+        loop {
+            tokio::select! {
+                done = &mut ctrl_c => {
+                    done.context("waiting for Ctrl-C")?;
+                    break;
+                }
+                _ = every.tick() => for line in stack.revive() {
+                    println!("{line}");
+                },
+            }
+        }
         println!("\nStopping Tether and the control plane.");
         stack.stop();
         cp.stop();
