@@ -437,6 +437,21 @@ pub fn build_binaries() -> anyhow::Result<PathBuf> {
 /// Applies what the chart installs that is not a workload: CRDs, namespaces, service accounts,
 /// roles and bindings, rendered by helm from `charts/tether`.
 async fn apply_chart_rbac(cp: &ControlPlane) -> anyhow::Result<()> {
+    apply_chart_kinds(
+        cp,
+        &[
+            "CustomResourceDefinition",
+            "ServiceAccount",
+            "ClusterRole",
+            "ClusterRoleBinding",
+        ],
+    )
+    .await
+}
+
+/// Applies the objects of these kinds from the chart's default rendering (in
+/// [`SYSTEM_NAMESPACE`], which it creates), and the CRDs.
+pub async fn apply_chart_kinds(cp: &ControlPlane, keep: &[&str]) -> anyhow::Result<()> {
     let bins = binaries::ensure()?;
     let out = binaries::Binaries::isolate_helm(&mut Command::new(&bins.helm))
         .args(["template", "tether"])
@@ -452,12 +467,6 @@ async fn apply_chart_rbac(cp: &ControlPlane) -> anyhow::Result<()> {
         );
     }
     let rendered = String::from_utf8(out.stdout)?;
-    let keep = [
-        "CustomResourceDefinition",
-        "ServiceAccount",
-        "ClusterRole",
-        "ClusterRoleBinding",
-    ];
     let mut docs =
         format!("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: {SYSTEM_NAMESPACE}\n");
     for doc in rendered.split("\n---") {
