@@ -307,49 +307,43 @@ impl OutputLog {
 /// arguments, and one key per argument is what `-H` takes.
 pub const MAX_KEYS_PER_COMMAND: usize = 1000;
 
-/// Control-mode command lines that type `data` into `target` exactly, byte for byte, with no
-/// key binding applied: runs of printable ASCII (but `}`) as `send-keys -l` (single-quoted, so `;`, `$`,
-/// `#{` and `~` are only text), every other byte (control characters, ESC, NUL, bytes ≥ 0x80)
-/// as `send-keys -H` hex. Several commands share one line, joined by ` ; `; each line carries at
-/// most [`MAX_KEYS_PER_COMMAND`] bytes of input.
+/// A printable run at least this long goes as `send-keys -l`; shorter ones ride in the hex.
+const MIN_LITERAL: usize = 16;
+
+/// Control-mode commands, one a line (so each gets exactly one reply), that type `data` into
+/// `target` exactly, byte for byte, with no key binding applied: runs of printable ASCII (but
+/// `}`) as `send-keys -l` (single-quoted, so `;`, `$`, `#{` and `~` are only text), every other
+/// byte (control characters, ESC, NUL, bytes ≥ 0x80) and short printable runs between them as
+/// `send-keys -H` hex. Each command carries at most [`MAX_KEYS_PER_COMMAND`] bytes.
 pub fn send_keys(target: &str, data: &[u8]) -> Vec<String> {
+    let literal_run = |s: &[u8]| s.iter().take_while(|&&b| literal(b)).count();
     let mut lines = Vec::new();
-    let mut line = String::new();
-    let mut in_line = 0;
     let mut rest = data;
     while !rest.is_empty() {
-        let printable = rest.iter().take_while(|&&b| literal(b)).count();
-        let (run, literal) = if printable > 0 {
-            (printable, true)
+        let printable = literal_run(rest);
+        let mut line = format!("send-keys -t {target} ");
+        let taken = if printable >= MIN_LITERAL || printable == rest.len() {
+            let n = printable.min(MAX_KEYS_PER_COMMAND);
+            line.push_str("-l -- ");
+            quote_into(&mut line, &rest[..n]);
+            n
         } else {
-            (rest.iter().take_while(|&&b| !literal(b)).count(), false)
-        };
-        let run = run.min(MAX_KEYS_PER_COMMAND - in_line);
-        let (chunk, tail) = rest.split_at(run);
-        rest = tail;
-        if !line.is_empty() {
-            line.push_str(" ; ");
-        }
-        if literal {
-            line.push_str("send-keys -t ");
-            line.push_str(target);
-            line.push_str(" -l -- ");
-            quote_into(&mut line, chunk);
-        } else {
-            line.push_str("send-keys -t ");
-            line.push_str(target);
-            line.push_str(" -H");
-            for b in chunk {
+            let mut n = 0;
+            while n < rest.len() && n < MAX_KEYS_PER_COMMAND {
+                let run = literal_run(&rest[n..]);
+                if run >= MIN_LITERAL || (run > 0 && n + run == rest.len()) {
+                    break;
+                }
+                n += run.max(1);
+            }
+            let n = n.clamp(1, MAX_KEYS_PER_COMMAND);
+            line.push_str("-H");
+            for b in &rest[..n] {
                 line.push_str(&format!(" {b:02x}"));
             }
-        }
-        in_line += run;
-        if in_line == MAX_KEYS_PER_COMMAND {
-            lines.push(std::mem::take(&mut line));
-            in_line = 0;
-        }
-    }
-    if !line.is_empty() {
+            n
+        };
+        rest = &rest[taken..];
         lines.push(line);
     }
     lines
@@ -569,12 +563,18 @@ mod tests {
 
     #[test]
     fn send_keys_carries_any_bytes_and_quotes_what_tmux_would_interpret() {
-        let lines = send_keys("%0", b"echo $HOME; #{x} ~ 'q'\r\x02\x00\xff");
+        let lines = send_keys("%0", b"echo $HOME; ls #{x} ~ 'q'\r\x02\x00\xffok\r");
         assert_eq!(
             lines,
             [
-                "send-keys -t %0 -l -- 'echo $HOME; #{x' ; send-keys -t %0 -H 7d ; send-keys -t %0 -l -- ' ~ '\"'\"'q'\"'\"'' ; send-keys -t %0 -H 0d 02 00 ff"
+                "send-keys -t %0 -l -- 'echo $HOME; ls #{x'",
+                // A short printable run between control bytes rides in the hex.
+                "send-keys -t %0 -H 7d 20 7e 20 27 71 27 0d 02 00 ff 6f 6b 0d",
             ]
+        );
+        assert_eq!(
+            send_keys("%0", b"it's"),
+            ["send-keys -t %0 -l -- 'it'\"'\"'s'"]
         );
         // Long input is split so that no line carries more than the limit of keys.
         let long = vec![b'a'; 2500];

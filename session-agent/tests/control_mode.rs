@@ -160,10 +160,12 @@ async fn every_line_of_a_fast_program_arrives_once_and_in_order() {
 async fn typed_bytes_reach_the_program_exactly_ctrl_b_included() {
     // The pane reads 512 raw bytes (no echo, no line discipline) and prints them in hex.
     let mut server = Server::start(
-        "stty raw -echo; head -c 512 | od -An -v -tx1 | tr -d ' \\n'; echo; echo END-OF-OD",
+        "stty raw -echo; echo RAW-READY; head -c 512 | od -An -v -tx1 | tr -d ' \\n'; echo; echo END-OF-OD",
     )
     .await;
     server.type_bytes(b"go\r").await;
+    // Before the line discipline is raw, a typed Ctrl-C would kill the shell.
+    server.output_until(b"RAW-READY").await;
     // Every byte value twice, and tmux's own syntax in between.
     let mut typed: Vec<u8> = (0..=255u8).collect();
     typed.splice(100..100, b"; $HOME #{q} ~ '\"".iter().copied());
