@@ -23,9 +23,11 @@ pub const MAX_REPLY: usize = 64 << 20;
 pub enum Event {
     /// Bytes the program in pane `pane` wrote, decoded.
     Output { pane: u32, data: Vec<u8> },
-    /// The whole reply to one command: its body lines and whether it ended in `%end`.
+    /// The whole reply to one command: its body lines and whether it ended in `%end`. `ours`
+    /// when the command came from this client (flags 1), not from tmux itself (the attach).
     Reply {
         number: u64,
+        ours: bool,
         ok: bool,
         lines: Vec<Vec<u8>>,
     },
@@ -59,6 +61,7 @@ pub struct Decoder {
 struct Pending {
     guard: Vec<u8>,
     number: u64,
+    ours: bool,
     lines: Vec<Vec<u8>>,
     size: usize,
 }
@@ -106,6 +109,7 @@ impl Decoder {
                     let pending = self.reply.take().expect("a reply is pending");
                     out.push(Event::Reply {
                         number: pending.number,
+                        ours: pending.ours,
                         ok,
                         lines: pending.lines,
                     });
@@ -139,14 +143,19 @@ impl Decoder {
                     .ok_or_else(|| DecodeError::Malformed("%extended-output", lossy(line)))?,
             });
         } else if let Some(guard) = line.strip_prefix(b"%begin ") {
-            let number = std::str::from_utf8(guard)
-                .ok()
-                .and_then(|g| g.split(' ').nth(1))
-                .and_then(|n| n.parse().ok())
-                .ok_or_else(|| DecodeError::Malformed("%begin", lossy(line)))?;
+            let fields: Vec<&str> = std::str::from_utf8(guard)
+                .map(|g| g.split(' ').collect())
+                .unwrap_or_default();
+            let (Some(number), Some(flags)) = (
+                fields.get(1).and_then(|n| n.parse().ok()),
+                fields.get(2).and_then(|f| f.parse::<u32>().ok()),
+            ) else {
+                return Err(DecodeError::Malformed("%begin", lossy(line)));
+            };
             self.reply = Some(Pending {
                 guard: guard.to_vec(),
                 number,
+                ours: flags & 1 == 1,
                 lines: Vec::new(),
                 size: 0,
             });
@@ -420,6 +429,7 @@ mod tests {
             [
                 Event::Reply {
                     number: 42,
+                    ours: true,
                     ok: true,
                     lines: vec![
                         b"%output %1 not output".to_vec(),
@@ -429,6 +439,7 @@ mod tests {
                 },
                 Event::Reply {
                     number: 43,
+                    ours: true,
                     ok: false,
                     lines: vec![b"no such pane".to_vec()]
                 }

@@ -8,6 +8,7 @@
 
 pub mod config;
 pub mod control;
+pub mod control_client;
 pub mod metrics;
 mod recording;
 mod server;

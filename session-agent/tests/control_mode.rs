@@ -1,126 +1,54 @@
-//! The control-mode decoder, log and input encoder against a real tmux (the machine's, 3.3a
-//! or later): every byte a program writes arrives once and in order, and every byte typed
-//! reaches the program exactly, Ctrl-B included.
+//! The session's control client against a real tmux (the machine's, 3.3a or later): every
+//! byte a program writes arrives once and in order in the output log, every byte typed reaches
+//! the program exactly (Ctrl-B included), and a reply is pinned to the output before it.
 
-use std::path::Path;
-use std::process::Stdio;
+use std::path::PathBuf;
 
-use tether_session_agent::control::{Decoder, Event, OutputLog, Read, send_keys};
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tether_session_agent::control::Read;
+use tether_session_agent::control_client::{ControlClient, ControlError};
 
 const TMUX: &str = "/usr/bin/tmux";
 
-/// A private tmux server running `script` in its only pane, which first waits for a line of
-/// input, and a control client attached to it once its attach reply has come.
+fn env() -> Vec<(&'static str, String)> {
+    vec![
+        ("PATH", "/usr/bin:/bin".into()),
+        ("TERM", "xterm-256color".into()),
+    ]
+}
+
+/// A private tmux server whose only pane runs `script` after a line of input.
 struct Server {
     _dir: tempfile::TempDir,
-    socket: std::path::PathBuf,
-    client: Child,
-    input: ChildStdin,
-    output: ChildStdout,
-    decoder: Decoder,
+    socket: PathBuf,
 }
 
 impl Server {
-    async fn start(script: &str) -> Server {
+    fn start(script: &str) -> Server {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("sock");
-        let status = tmux(&socket)
-            .args([
-                "new-session",
-                "-d",
-                "-s",
-                "t",
-                "-x",
-                "120",
-                "-y",
-                "40",
-                "--",
-            ])
-            .args(["sh", "-c", &format!("read go; {script}; sleep 600")])
+        let status = std::process::Command::new(TMUX)
+            .arg("-S")
+            .arg(&socket)
+            .args(["-f", "/dev/null", "new-session", "-d", "-s", "t"])
+            .args(["-x", "120", "-y", "40", "--", "sh", "-c"])
+            .arg(format!("read go; {script}; sleep 600"))
+            .env_clear()
+            .envs(env())
             .status()
-            .await
             .unwrap();
         assert!(status.success(), "tmux new-session failed");
-        let mut client = tmux(&socket)
-            .args(["-C", "attach-session", "-t", "t"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let input = client.stdin.take().unwrap();
-        let output = client.stdout.take().unwrap();
-        let mut server = Server {
-            _dir: dir,
-            socket,
-            client,
-            input,
-            output,
-            decoder: Decoder::default(),
-        };
-        // tmux 3.3a drops commands sent before the attach's own reply has ended.
-        loop {
-            if server
-                .events()
-                .await
-                .iter()
-                .any(|e| matches!(e, Event::Reply { .. }))
-            {
-                break;
-            }
-        }
-        server
+        Server { _dir: dir, socket }
     }
 
-    async fn events(&mut self) -> Vec<Event> {
-        let mut buf = vec![0; 64 << 10];
-        let n = self.output.read(&mut buf).await.unwrap();
-        assert!(n > 0, "the control client ended");
-        let mut events = Vec::new();
-        self.decoder.feed(&buf[..n], &mut events).unwrap();
-        events
-    }
-
-    async fn type_bytes(&mut self, data: &[u8]) {
-        for line in send_keys("t", data) {
-            self.input.write_all(line.as_bytes()).await.unwrap();
-            self.input.write_all(b"\n").await.unwrap();
-        }
-        self.input.flush().await.unwrap();
-    }
-
-    /// Everything the pane writes until `marker` has arrived, through an [`OutputLog`].
-    async fn output_until(&mut self, marker: &[u8]) -> Vec<u8> {
-        let mut log = OutputLog::new(64 << 20);
-        let mut seen: usize = 0;
-        loop {
-            for event in self.events().await {
-                match event {
-                    Event::Output { data, .. } => log.append(&data),
-                    Event::Reply { ok, lines, .. } => assert!(ok, "a command failed: {lines:?}"),
-                    Event::Exit(why) => panic!("tmux ended the control client: {why:?}"),
-                    Event::Notification { .. } => {}
-                }
-            }
-            let Read::Bytes(all, end) = log.read(0, usize::MAX) else {
-                continue;
-            };
-            if all[seen.saturating_sub(marker.len())..]
-                .windows(marker.len())
-                .any(|w| w == marker)
-            {
-                return all;
-            }
-            seen = end as usize;
-        }
+    async fn attach(&self) -> ControlClient {
+        ControlClient::attach(TMUX.as_ref(), &self.socket, &env(), "t", 64 << 20)
+            .await
+            .expect("attached")
     }
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
-        let _ = self.client.start_kill();
         let _ = std::process::Command::new(TMUX)
             .arg("-S")
             .arg(&self.socket)
@@ -129,20 +57,28 @@ impl Drop for Server {
     }
 }
 
-fn tmux(socket: &Path) -> Command {
-    let mut cmd = Command::new(TMUX);
-    cmd.arg("-S").arg(socket).args(["-f", "/dev/null"]);
-    cmd.env_clear()
-        .env("PATH", "/usr/bin:/bin")
-        .env("TERM", "xterm-256color");
-    cmd
+/// Everything in the log from 0 once `marker` is in it.
+async fn output_until(client: &ControlClient, marker: &[u8]) -> Vec<u8> {
+    let mut end = client.end();
+    loop {
+        if let Read::Bytes(all, _) = client.read(0, usize::MAX)
+            && all.windows(marker.len()).any(|w| w == marker)
+        {
+            return all;
+        }
+        tokio::select! {
+            changed = end.changed() => changed.expect("the client is alive"),
+            why = client.ended() => panic!("{why}"),
+        }
+    }
 }
 
 #[tokio::test]
 async fn every_line_of_a_fast_program_arrives_once_and_in_order() {
-    let mut server = Server::start("seq 1 300000; echo END-OF-SEQ").await;
-    server.type_bytes(b"go\r").await;
-    let output = server.output_until(b"END-OF-SEQ\r\n").await;
+    let server = Server::start("seq 1 300000; echo END-OF-SEQ");
+    let client = server.attach().await;
+    client.type_bytes(b"go\r").await.unwrap();
+    let output = output_until(&client, b"END-OF-SEQ\r\n").await;
     let text = String::from_utf8(output).unwrap();
     let mut lines = text.split("\r\n");
     assert_eq!(
@@ -159,24 +95,98 @@ async fn every_line_of_a_fast_program_arrives_once_and_in_order() {
 #[tokio::test]
 async fn typed_bytes_reach_the_program_exactly_ctrl_b_included() {
     // The pane reads 512 raw bytes (no echo, no line discipline) and prints them in hex.
-    let mut server = Server::start(
+    let server = Server::start(
         "stty raw -echo; echo RAW-READY; head -c 512 | od -An -v -tx1 | tr -d ' \\n'; echo; echo END-OF-OD",
-    )
-    .await;
-    server.type_bytes(b"go\r").await;
+    );
+    let client = server.attach().await;
+    client.type_bytes(b"go\r").await.unwrap();
     // Before the line discipline is raw, a typed Ctrl-C would kill the shell.
-    server.output_until(b"RAW-READY").await;
+    output_until(&client, b"RAW-READY").await;
     // Every byte value twice, and tmux's own syntax in between.
     let mut typed: Vec<u8> = (0..=255u8).collect();
     typed.splice(100..100, b"; $HOME #{q} ~ '\"".iter().copied());
     typed.extend((0..=255u8).rev());
     typed.truncate(512);
-    server.type_bytes(&typed).await;
-    let output = server.output_until(b"END-OF-OD").await;
+    client.type_bytes(&typed).await.unwrap();
+    let output = output_until(&client, b"END-OF-OD").await;
     let text = String::from_utf8_lossy(&output);
     let hex: String = typed.iter().map(|b| format!("{b:02x}")).collect();
     assert!(
         text.contains(&hex),
         "the program read something else than was typed:\n{text}\nexpected {hex}"
     );
+}
+
+#[tokio::test]
+async fn a_reply_is_pinned_to_the_output_before_it() {
+    // While the pane writes numbered lines as fast as it can, each capture of the cursor's
+    // line must show a line the log already holds at the reply's offset, never a later one.
+    let server = Server::start("seq 1 200000; echo END-OF-SEQ");
+    let client = server.attach().await;
+    client.type_bytes(b"go\r").await.unwrap();
+    let mut checked = 0;
+    loop {
+        let reply = client
+            .command("display-message -p '#{cursor_y}'")
+            .await
+            .unwrap();
+        let y: i32 = String::from_utf8_lossy(&reply.lines[0])
+            .trim()
+            .parse()
+            .unwrap();
+        let row = client
+            .command(&format!("capture-pane -p -S {} -E {}", y - 1, y - 1))
+            .await
+            .unwrap();
+        let shown = String::from_utf8_lossy(&row.lines[0]).trim().to_string();
+        let Read::Bytes(log, _) = client.read(0, usize::MAX) else {
+            continue;
+        };
+        let before = String::from_utf8_lossy(&log[..row.offset as usize]);
+        if let Ok(n) = shown.parse::<u32>() {
+            assert!(
+                before.contains(&format!("\r\n{n}\r\n")),
+                "the capture showed line {n}, which the log did not hold yet at offset {}",
+                row.offset
+            );
+            checked += 1;
+        }
+        if before.contains("END-OF-SEQ") {
+            break;
+        }
+    }
+    assert!(
+        checked > 3,
+        "only {checked} captures landed while the output ran"
+    );
+}
+
+#[tokio::test]
+async fn bad_commands_are_refused_and_the_client_keeps_serving() {
+    let server = Server::start("true");
+    let client = server.attach().await;
+    assert_eq!(client.command("").await, Err(ControlError::BadCommand));
+    assert_eq!(
+        client.command("display -p a\ndetach").await,
+        Err(ControlError::BadCommand)
+    );
+    let refused = client.command("no-such-command").await.unwrap();
+    assert!(!refused.ok, "{refused:?}");
+    let ok = client.command("display-message -p fine").await.unwrap();
+    assert_eq!((ok.ok, ok.lines), (true, vec![b"fine".to_vec()]));
+}
+
+#[tokio::test]
+async fn a_killed_server_ends_the_client_with_a_reason() {
+    let server = Server::start("true");
+    let client = server.attach().await;
+    std::process::Command::new(TMUX)
+        .arg("-S")
+        .arg(&server.socket)
+        .arg("kill-server")
+        .status()
+        .unwrap();
+    let why = client.ended().await;
+    assert!(matches!(why, ControlError::Exited(_)), "{why}");
+    assert!(client.command("display -p x").await.is_err());
 }
