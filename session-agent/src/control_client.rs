@@ -45,11 +45,20 @@ pub enum ControlError {
     Refused { command: String, reason: String },
 }
 
+/// The replies owed to one command line: one per command, but tmux skips the rest of a list
+/// after a command fails (and a parse error is one `%error` for the whole line).
+#[derive(Debug)]
+struct Waiter {
+    commands: usize,
+    replies: Vec<Reply>,
+    tx: oneshot::Sender<Vec<Reply>>,
+}
+
 #[derive(Debug)]
 struct Shared {
     log: Mutex<OutputLog>,
-    /// Answers owed, in the order the commands were written.
-    waiting: Mutex<VecDeque<oneshot::Sender<Reply>>>,
+    /// Answers owed, in the order the command lines were written.
+    waiting: Mutex<VecDeque<Waiter>>,
     /// The log's end, for readers to wait on.
     end: watch::Sender<u64>,
     /// Set once when the client ended, with why.
@@ -146,9 +155,21 @@ impl ControlClient {
         self.pane
     }
 
-    /// Runs one command line and returns its reply (a `%error` reply is `ok: false`).
-    pub async fn command(&self, line: &str) -> Result<Reply, ControlError> {
-        if line.trim().is_empty() || line.contains(['\n', '\r']) {
+    /// Runs one command and returns its reply (a `%error` reply is `ok: false`).
+    pub async fn command(&self, command: &str) -> Result<Reply, ControlError> {
+        let mut replies = self.commands(&[command]).await?;
+        Ok(replies.remove(0))
+    }
+
+    /// Runs several commands as one line, so tmux runs them one after the other with no pane
+    /// output read in between: their replies share one offset. Returns the replies up to and
+    /// including the first that failed (tmux runs none of the rest).
+    pub async fn commands(&self, commands: &[&str]) -> Result<Vec<Reply>, ControlError> {
+        if commands.is_empty()
+            || commands
+                .iter()
+                .any(|c| c.trim().is_empty() || c.contains(['\n', '\r']))
+        {
             return Err(ControlError::BadCommand);
         }
         let (tx, rx) = oneshot::channel();
@@ -162,9 +183,12 @@ impl ControlClient {
                 .waiting
                 .lock()
                 .expect("not poisoned")
-                .push_back(tx);
-            let mut bytes = Vec::with_capacity(line.len() + 1);
-            bytes.extend_from_slice(line.as_bytes());
+                .push_back(Waiter {
+                    commands: commands.len(),
+                    replies: Vec::with_capacity(commands.len()),
+                    tx,
+                });
+            let mut bytes = commands.join(" ; ").into_bytes();
             bytes.push(b'\n');
             input
                 .write_all(&bytes)
@@ -172,7 +196,7 @@ impl ControlClient {
                 .map_err(|e| ControlError::Write(e.to_string()))?;
         }
         match rx.await {
-            Ok(reply) => Ok(reply),
+            Ok(replies) => Ok(replies),
             Err(_) => Err(self
                 .shared
                 .ended
@@ -265,16 +289,16 @@ async fn read_loop(
                         continue;
                     }
                     let offset = shared.log.lock().expect("not poisoned").end();
-                    let owed = shared.waiting.lock().expect("not poisoned").pop_front();
-                    match owed {
-                        Some(tx) => {
-                            let _ = tx.send(Reply { ok, lines, offset });
-                        }
-                        None => {
-                            return ControlError::Protocol(DecodeError::Unexpected(
-                                "a reply to a command nobody sent".into(),
-                            ));
-                        }
+                    let mut waiting = shared.waiting.lock().expect("not poisoned");
+                    let Some(waiter) = waiting.front_mut() else {
+                        return ControlError::Protocol(DecodeError::Unexpected(
+                            "a reply to a command nobody sent".into(),
+                        ));
+                    };
+                    waiter.replies.push(Reply { ok, lines, offset });
+                    if !ok || waiter.replies.len() == waiter.commands {
+                        let done = waiting.pop_front().expect("a waiter");
+                        let _ = done.tx.send(done.replies);
                     }
                 }
                 Event::Exit(why) => return ControlError::Exited(why),

@@ -53,6 +53,7 @@ impl Drop for Server {
             .arg("-S")
             .arg(&self.socket)
             .arg("kill-server")
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
@@ -189,4 +190,45 @@ async fn a_killed_server_ends_the_client_with_a_reason() {
     let why = client.ended().await;
     assert!(matches!(why, ControlError::Exited(_)), "{why}");
     assert!(client.command("display -p x").await.is_err());
+}
+
+#[tokio::test]
+async fn a_command_list_is_answered_at_one_offset_and_stops_at_its_first_failure() {
+    let server = Server::start("seq 1 100000");
+    let client = server.attach().await;
+    client.type_bytes(b"go\r").await.unwrap();
+    let replies = client
+        .commands(&[
+            "display-message -p one",
+            "display-message -p two",
+            "display-message -p three",
+        ])
+        .await
+        .unwrap();
+    let texts: Vec<_> = replies.iter().map(|r| r.lines.concat()).collect();
+    assert_eq!(texts, [b"one".to_vec(), b"two".to_vec(), b"three".to_vec()]);
+    assert!(
+        replies.iter().all(|r| r.offset == replies[0].offset),
+        "{replies:?}"
+    );
+    let failed = client
+        .commands(&[
+            "display-message -p before",
+            "capture-pane -p -t %999",
+            "display-message -p never",
+        ])
+        .await
+        .unwrap();
+    assert_eq!(failed.len(), 2, "{failed:?}");
+    assert!(failed[0].ok && !failed[1].ok);
+    // A line tmux cannot parse runs nothing and is one %error.
+    let unparsed = client
+        .commands(&["display-message -p a", "no-such-command"])
+        .await
+        .unwrap();
+    assert_eq!(unparsed.len(), 1, "{unparsed:?}");
+    assert!(!unparsed[0].ok);
+    // The line after still gets its own answer.
+    let after = client.command("display-message -p after").await.unwrap();
+    assert_eq!(after.lines, [b"after".to_vec()]);
 }
