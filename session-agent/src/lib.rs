@@ -13,6 +13,7 @@ pub mod metrics;
 mod recording;
 mod server;
 pub mod slots;
+pub mod snapshot;
 pub mod term;
 pub mod tmux;
 

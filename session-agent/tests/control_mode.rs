@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use tether_session_agent::control::Read;
 use tether_session_agent::control_client::{ControlClient, ControlError};
+use tether_session_agent::snapshot::Snapshot;
 
 const TMUX: &str = "/usr/bin/tmux";
 
@@ -29,7 +30,16 @@ impl Server {
         let status = std::process::Command::new(TMUX)
             .arg("-S")
             .arg(&socket)
-            .args(["-f", "/dev/null", "new-session", "-d", "-s", "t"])
+            .args([
+                "-f",
+                "/dev/null",
+                "set-option",
+                "-g",
+                "history-limit",
+                "20000",
+                ";",
+            ])
+            .args(["new-session", "-d", "-s", "t"])
             .args(["-x", "120", "-y", "40", "--", "sh", "-c"])
             .arg(format!("read go; {script}; sleep 600"))
             .env_clear()
@@ -231,4 +241,102 @@ async fn a_command_list_is_answered_at_one_offset_and_stops_at_its_first_failure
     // The line after still gets its own answer.
     let after = client.command("display-message -p after").await.unwrap();
     assert_eq!(after.lines, [b"after".to_vec()]);
+}
+
+/// The snapshot written into a fresh terminal emulator of its size.
+fn replay(snapshot: &Snapshot) -> vt100::Parser {
+    let mut term = vt100::Parser::new(snapshot.height, snapshot.width, 50_000);
+    term.process(&snapshot.to_ansi());
+    term
+}
+
+fn rows(term: &vt100::Parser) -> Vec<String> {
+    let screen = term.screen();
+    screen.rows(0, screen.size().1).collect()
+}
+
+#[tokio::test]
+async fn a_late_viewer_gets_the_screen_tmux_shows_and_the_history_before_it() {
+    let server = Server::start("seq 1 10000; printf '\\033[31mRED\\033[0m end\\n'");
+    let client = server.attach().await;
+    client.type_bytes(b"go\r").await.unwrap();
+    output_until(&client, b"end\r\n").await;
+    let snapshot = Snapshot::capture(&client).await.unwrap();
+    assert_eq!((snapshot.width, snapshot.height), (120, 40));
+    let Read::Bytes(_, end) = client.read(0, usize::MAX) else {
+        panic!("no output")
+    };
+    assert_eq!(
+        snapshot.offset, end,
+        "the pane is quiet: the snapshot is at the log's end"
+    );
+
+    let mut term = replay(&snapshot);
+    let shown = client.command("capture-pane -p").await.unwrap();
+    let expected: Vec<String> = shown
+        .lines
+        .iter()
+        .map(|l| String::from_utf8_lossy(l).trim_end().to_string())
+        .collect();
+    let got: Vec<String> = rows(&term)
+        .iter()
+        .map(|r| r.trim_end().to_string())
+        .collect();
+    assert_eq!(got, expected, "the replayed screen differs from tmux's");
+    assert_eq!(
+        term.screen().cursor_position(),
+        (snapshot.cursor_y, snapshot.cursor_x)
+    );
+    // Colours: the R of RED is red.
+    let (row, _) = got
+        .iter()
+        .enumerate()
+        .find(|(_, r)| r.starts_with("RED end"))
+        .expect("the red line on the screen");
+    let cell = term.screen().cell(row as u16, 0).unwrap();
+    assert_eq!(cell.fgcolor(), vt100::Color::Idx(1));
+    // History: everything before the screen, from the echo of "go" on.
+    assert!(
+        snapshot.history.len() >= 10_000 - 40,
+        "{}",
+        snapshot.history.len()
+    );
+    term.screen_mut().set_scrollback(usize::MAX);
+    let top = rows(&term);
+    assert_eq!(top[0].trim_end(), "go");
+    assert_eq!(top[1].trim_end(), "1");
+    assert_eq!(top[2].trim_end(), "2");
+}
+
+#[tokio::test]
+async fn a_full_screen_program_is_restored_with_its_modes_and_the_screen_it_hides() {
+    let server = Server::start(
+        "echo NORMAL-LINE; printf '\\033[?1049h\\033[?1h\\033[?1000h\\033[?1006h\\033[2J\\033[5;10HALT-SCREEN'",
+    );
+    let client = server.attach().await;
+    client.type_bytes(b"go\r").await.unwrap();
+    output_until(&client, b"ALT-SCREEN").await;
+    let snapshot = Snapshot::capture(&client).await.unwrap();
+    assert!(snapshot.modes.alternate, "{snapshot:?}");
+    assert!(snapshot.modes.application_cursor && snapshot.modes.mouse_standard);
+    assert!(snapshot.modes.mouse_sgr && !snapshot.modes.mouse_all);
+    assert_eq!((snapshot.cursor_x, snapshot.cursor_y), (19, 4));
+
+    let mut term = replay(&snapshot);
+    let screen = term.screen();
+    assert!(screen.alternate_screen());
+    assert!(screen.application_cursor());
+    assert_eq!(
+        screen.mouse_protocol_mode(),
+        vt100::MouseProtocolMode::PressRelease
+    );
+    assert_eq!(
+        screen.mouse_protocol_encoding(),
+        vt100::MouseProtocolEncoding::Sgr
+    );
+    assert_eq!(screen.cursor_position(), (4, 19));
+    assert_eq!(rows(&term)[4].trim_end(), "         ALT-SCREEN");
+    // When the program leaves, the screen it hid comes back.
+    term.process(b"\x1b[?1049l");
+    assert!(rows(&term).iter().any(|r| r.trim_end() == "NORMAL-LINE"));
 }
