@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use tether_protocol::client::{ClientError, Event, ResumeState, TerminalClient};
+use tether_protocol::reconnect::{CloseAction, backoff, close_action};
 use tether_protocol::{CloseCode, SUBPROTOCOL, Size, bearer_protocol};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc;
@@ -199,6 +200,19 @@ async fn session(
     }
 }
 
+/// Retries in a row after which `attach` gives up.
+const MAX_FAILURES: u32 = 30;
+
+/// The policy's wait before retry `attempt`, jittered by the clock's nanoseconds (no two
+/// clients cut by one restart share them).
+fn wait(attempt: u32) -> Duration {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    backoff(attempt, f64::from(nanos) / 1e9)
+}
+
 fn closed(term: &TerminalClient<Ws>, code: Option<CloseCode>, reason: String) -> End {
     let words = if reason.is_empty() {
         code.map(|c| c.reason().to_owned())
@@ -206,15 +220,16 @@ fn closed(term: &TerminalClient<Ws>, code: Option<CloseCode>, reason: String) ->
     } else {
         reason
     };
-    match code {
-        Some(CloseCode::NORMAL) => End::Exit(0),
-        Some(CloseCode::UNKNOWN_CLIENT) => End::Forgotten(words),
-        None
-        | Some(CloseCode::GOING_AWAY)
-        | Some(CloseCode::KEEPALIVE_TIMEOUT)
-        | Some(CloseCode::INTERNAL) => End::Lost(term.resume_state(), words),
-        Some(CloseCode(1006)) => End::Lost(term.resume_state(), words),
-        Some(c) => End::Fatal(format!("{words} ({})", c.0)),
+    match close_action(code.map(|c| c.0), false) {
+        // An EXIT frame ends the session before its close; a 1000 alone is the same end.
+        _ if code == Some(CloseCode::NORMAL) => End::Exit(0),
+        // A new sign-in is fetched (or refreshed) before every reconnect.
+        CloseAction::Reconnect | CloseAction::SignIn => End::Lost(term.resume_state(), words),
+        CloseAction::Reopen => End::Forgotten(words),
+        CloseAction::End => End::Fatal(match code {
+            Some(c) => format!("{words} ({})", c.0),
+            None => words,
+        }),
     }
 }
 
@@ -342,12 +357,11 @@ async fn attach(
                 Err(ConnectError::Fatal(m)) => bail!("cannot reconnect: {m}"),
                 Err(ConnectError::Retry(m)) => {
                     failures += 1;
-                    if failures > 30 {
+                    if failures > MAX_FAILURES {
                         bail!("giving up reconnecting: {m}");
                     }
                     eprint!("\r\n[tether] reconnecting ({m})\r\n");
-                    tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(10))))
-                        .await;
+                    tokio::time::sleep(wait(failures - 1)).await;
                     continue;
                 }
             },
@@ -359,25 +373,24 @@ async fn attach(
         };
         let term = match started {
             Ok((t, _)) => t,
-            Err(ClientError::Closed {
-                code: Some(CloseCode::UNKNOWN_CLIENT),
-                ..
-            }) => {
+            Err(ClientError::Closed { code, .. })
+                if close_action(code.map(|c| c.0), false) == CloseAction::Reopen =>
+            {
                 state = None;
                 continue;
             }
             Err(ClientError::Closed {
                 code: Some(c),
                 reason,
-            }) if c != CloseCode::GOING_AWAY && c.0 != 1006 => {
+            }) if close_action(Some(c.0), false) == CloseAction::End => {
                 bail!("{reason} ({})", c.0)
             }
             Err(e) => {
                 failures += 1;
-                if failures > 30 {
+                if failures > MAX_FAILURES {
                     bail!("giving up reconnecting: {e}");
                 }
-                tokio::time::sleep(Duration::from_millis(200 * u64::from(failures.min(10)))).await;
+                tokio::time::sleep(wait(failures - 1)).await;
                 continue;
             }
         };

@@ -16,6 +16,7 @@ pub mod bearer;
 pub mod client;
 pub mod close;
 pub mod frame;
+pub mod reconnect;
 pub mod ticket;
 
 pub use bearer::{BEARER_PROTOCOL_PREFIX, bearer_protocol, bearer_protocol_token};

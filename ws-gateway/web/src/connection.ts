@@ -12,6 +12,8 @@ import {
   type ServerFrame,
   type Size,
   type Snapshot,
+  BACKOFF_RESET_AFTER_MS,
+  backoff,
   closeAction,
   decodeServerFrame,
   encodeAck,
@@ -446,7 +448,7 @@ export class Connection {
       this.epoch++;
     }
     // A connection that stayed live for a while resets the backoff.
-    if (this.liveSince && Date.now() - this.liveSince > 10_000) this.attempt = 0;
+    if (this.liveSince && Date.now() - this.liveSince > BACKOFF_RESET_AFTER_MS) this.attempt = 0;
     this.liveSince = 0;
     const delay = action === 'reopen' ? 0 : backoff(this.attempt++);
     this.setState('reconnecting', `${words}; retrying in ${(delay / 1000).toFixed(1)} s`);
@@ -470,8 +472,3 @@ export class Connection {
   }
 }
 
-/** 250 ms doubling to 10 s, with ±25 % jitter so restarted gateways are not stampeded. */
-export function backoff(attempt: number): number {
-  const base = Math.min(10_000, 250 * 2 ** Math.min(attempt, 6));
-  return Math.round(base * (0.75 + Math.random() * 0.5));
-}

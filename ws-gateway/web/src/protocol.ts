@@ -298,7 +298,11 @@ export const CLOSE_SIGNED_OUT = 4440;
  */
 export type CloseAction = 'reconnect' | 'reopen' | 'signin' | 'end';
 
-/** What a client does after a close with this code (see `CloseAction`); after an EXIT, `end`. */
+/**
+ * What a client does after a close with this code (see `CloseAction`); after an EXIT, `end`.
+ * The policy is `tether_protocol::reconnect` (protocol/src/reconnect.rs); a Rust test reads this
+ * function and the `BACKOFF_*` constants and fails when they differ from it.
+ */
 export function closeAction(code: number, sawExit: boolean): CloseAction {
   if (sawExit) return 'end';
   switch (code) {
@@ -322,6 +326,20 @@ export function closeAction(code: number, sawExit: boolean): CloseAction {
     default:
       return 'end';
   }
+}
+
+/** The first retry's wait (ms) before jitter; it doubles up to `BACKOFF_MAX_MS`. */
+export const BACKOFF_FIRST_MS = 250;
+export const BACKOFF_MAX_MS = 10_000;
+/** Each wait is its base times a uniform factor in 1 ± this. */
+export const BACKOFF_JITTER = 0.25;
+/** A connection that stayed live this long starts the next backoff from the first wait. */
+export const BACKOFF_RESET_AFTER_MS = 10_000;
+
+/** The wait (ms) before retry number `attempt` (0 for the first), with jitter. */
+export function backoff(attempt: number, unit: number = Math.random()): number {
+  const base = Math.min(BACKOFF_MAX_MS, BACKOFF_FIRST_MS * 2 ** Math.min(attempt, 6));
+  return Math.round(base * (1 - BACKOFF_JITTER + 2 * BACKOFF_JITTER * unit));
 }
 
 export function hex(id: Uint8Array): string {
