@@ -59,6 +59,13 @@ export interface ConnectionOptions {
   /** Unacknowledged rendered bytes are acknowledged after this idle time. */
   ackDelayMs?: number;
   /**
+   * A connection that is not open after this long is given up and retried: a connect to a
+   * replica that went away can hang for minutes (the browser's TCP timeout) otherwise.
+   */
+  connectMs?: number;
+  /** `diagnose` gets this long to answer; then the attempt counts as a plain drop. */
+  diagnoseMs?: number;
+  /**
    * Called when a connection failed before the upgrade (the browser only sees code 1006 then):
    * resolves to a reason to stop with (not allowed, session gone), `{ retry }` with words to
    * show while retrying (the session is still starting), `{ signIn }` with words saying the
@@ -110,7 +117,7 @@ export class Connection {
   stats = { connects: 0, resumes: 0, snapshots: 0, reopens: 0, bytes: 0n, rttMs: NaN };
 
   constructor(opts: ConnectionOptions) {
-    this.opts = { pingMs: 15_000, deadMs: 45_000, ackDelayMs: 50, diagnose: async () => null, captureBytes: 0, ...opts };
+    this.opts = { pingMs: 15_000, deadMs: 45_000, ackDelayMs: 50, connectMs: 10_000, diagnoseMs: 5_000, diagnose: async () => null, captureBytes: 0, ...opts };
   }
 
   get offset(): bigint {
@@ -206,8 +213,16 @@ export class Connection {
     ws.binaryType = 'arraybuffer';
     this.ws = ws;
     let opened = false;
+    const giveUp = window.setTimeout(() => {
+      if (opened || ws !== this.ws) return;
+      this.ws = null;
+      ws.onclose = null;
+      ws.close();
+      this.onClose(1006, `could not connect within ${Math.round(this.opts.connectMs / 1000)} s`, false);
+    }, this.opts.connectMs);
     ws.onopen = () => {
       opened = true;
+      window.clearTimeout(giveUp);
       if (ws.protocol !== SUBPROTOCOL) {
         // A server that did not agree on the subprotocol speaks something else.
         ws.close(1002, 'subprotocol not agreed');
@@ -239,11 +254,17 @@ export class Connection {
       this.onFrame(ws, f);
     };
     ws.onclose = (ev: CloseEvent) => {
+      window.clearTimeout(giveUp);
       if (ws !== this.ws) return;
       this.ws = null;
       this.clearTimers();
       if (!opened && ev.code === 1006) {
-        void this.opts.diagnose().then(
+        // A status request that hangs must not hold the page: then it is a plain drop.
+        let late: number | undefined;
+        const deadline = new Promise<Diagnosis>((done) => {
+          late = window.setTimeout(() => done(null), this.opts.diagnoseMs);
+        });
+        void Promise.race([this.opts.diagnose(), deadline]).finally(() => window.clearTimeout(late)).then(
           (why) => {
             if (typeof why === 'string') this.end(why);
             else if (why && 'signIn' in why) this.onClose(CLOSE_SIGNED_OUT, why.signIn, ev.wasClean);

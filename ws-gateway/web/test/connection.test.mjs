@@ -77,7 +77,7 @@ function output(offset, text) {
   return b;
 }
 
-function harness(diagnose) {
+function harness(diagnose, extra = {}) {
   FakeSocket.all = [];
   const written = [];
   const states = [];
@@ -96,6 +96,7 @@ function harness(diagnose) {
       size: () => ({ cols: 80, rows: 24 }),
     },
     events: { state: (s, d) => states.push([s, d]) },
+    ...extra,
   });
   return { conn, written, states, sockets: FakeSocket.all };
 }
@@ -172,5 +173,30 @@ test('a cut still reconnects by itself; 4411 still ends', async () => {
   assert.equal(conn.state, 'ended');
   conn.resume();
   assert.equal(sockets.length, 1, 'resume() only acts after a sign-out');
+  conn.stop();
+});
+
+test('a connection that never opens is given up after connectMs and retried', async () => {
+  const { conn, sockets } = harness(undefined, { connectMs: 50 });
+  conn.start();
+  assert.equal(sockets.length, 1);
+  // The socket neither opens nor closes, as a connect to a replica that went away.
+  await sleep(120);
+  assert.equal(sockets[0].closedWith !== null, true, 'the hanging socket is closed');
+  assert.equal(conn.state, 'reconnecting');
+  assert.match(conn.detail, /could not connect within/);
+  await sleep(400); // the first backoff step
+  assert.ok(sockets.length >= 2, `retried (${sockets.length} sockets)`);
+  conn.stop();
+});
+
+test('a diagnosis that never answers counts as a drop after diagnoseMs', async () => {
+  const { conn, sockets } = harness(() => new Promise(() => {}), { diagnoseMs: 50 });
+  conn.start();
+  sockets[0].serverClose(1006, '');
+  await sleep(120);
+  assert.equal(conn.state, 'reconnecting');
+  await sleep(400);
+  assert.ok(sockets.length >= 2, `retried (${sockets.length} sockets)`);
   conn.stop();
 });
