@@ -77,7 +77,8 @@ pub struct ControlClient {
 impl ControlClient {
     /// Attaches to session `target` of the server at `socket`, with `tmux` by absolute path and
     /// the fixed environment `env`; returns once tmux answered the attach. Output goes to a log
-    /// of `log_capacity` bytes; only the pane that is active at the attach is logged.
+    /// of `log_capacity` bytes; only the pane that is active at the attach is logged. `target`
+    /// goes into a command line as it is: a session name the agent chose, never user data.
     pub async fn attach(
         tmux: &Path,
         socket: &Path,

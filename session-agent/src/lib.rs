@@ -11,6 +11,7 @@ pub mod control;
 pub mod control_client;
 pub mod metrics;
 mod recording;
+pub mod resume;
 mod server;
 pub mod slots;
 pub mod snapshot;

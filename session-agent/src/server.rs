@@ -22,10 +22,10 @@ use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::metrics::{CodeLabel, Metrics, ModeLabel};
-use crate::slots;
 use crate::term::{Options, READ_CHUNK, TermClient};
 use crate::tmux::Tmux;
 use crate::{Config, Error, Outcome, Result, TerminationMessage};
+use crate::{resume, slots};
 
 /// How often tmux is polled for the shell's state and idle clients are reaped.
 const POLL: Duration = Duration::from_millis(250);
@@ -407,30 +407,36 @@ async fn connection(
             size,
         } => {
             let found = agent.clients.lock().unwrap().map.get(&client_id).cloned();
-            let Some(client) = found else {
-                return close(&agent, socket, CloseCode::UNKNOWN_CLIENT, None).await;
+            let held = found.as_ref().map(|c| {
+                let st = c.state.lock().unwrap();
+                (c.user.clone(), c.mode, st.ring.start(), st.ring.end())
+            });
+            let decision = resume::decide(
+                held.as_ref().map(|(user, mode, start, end)| resume::Held {
+                    user,
+                    mode: *mode,
+                    start: *start,
+                    end: *end,
+                }),
+                &claims.sub,
+                mode,
+                offset,
+            );
+            let (client, (start, from)) = match (found, decision) {
+                (Some(client), Ok(decided)) => (client, decided),
+                (_, Err((code, why))) => return close(&agent, socket, code, why).await,
+                // `decide` refuses a client it was not given; kept total without a panic.
+                (None, Ok(_)) => {
+                    return close(&agent, socket, CloseCode::UNKNOWN_CLIENT, None).await;
+                }
             };
-            if client.user != claims.sub || client.mode != mode {
-                let why = "a client can only be resumed by its user in its mode".to_owned();
-                return close(&agent, socket, CloseCode::WRONG_SESSION, Some(why)).await;
-            }
-            let (ring_start, ring_end) = {
-                let st = client.state.lock().unwrap();
-                (st.ring.start(), st.ring.end())
-            };
-            if offset > ring_end {
-                let why = format!("resume offset {offset} is ahead of the output ({ring_end})");
-                return close(&agent, socket, CloseCode::BAD_OFFSET, Some(why)).await;
-            }
             let _ = client.resize(size).await;
             agent.metrics.resumes.inc();
-            if offset >= ring_start {
+            if start == Start::Replay {
                 // The client holds everything before `offset`; the window counts from there.
-                client.set_acked(offset);
-                (client, Start::Replay, offset)
-            } else {
-                (client, Start::Snapshot, ring_end)
+                client.set_acked(from);
             }
+            (client, start, from)
         }
         _ => {
             let why = "the first frame must be OPEN or RESUME".to_owned();
