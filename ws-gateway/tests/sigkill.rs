@@ -214,6 +214,9 @@ async fn a_gateway_killed_during_attaches_leaves_exactly_one_end_per_start() {
     for _ in 0..3 {
         open_a.push(attach(&a, &n).await);
     }
+    // An upgrade answers before the gateway has written its attach record (the ledger's
+    // ConfigMap comes first, and no byte is proxied until both are written): wait for them.
+    until("three attach records", || audit(d, "attach").len() == 3).await;
     let mut first = open_a.remove(0);
     first.close(None).await.unwrap();
     until("one end record", || audit(d, "detach").len() == 1).await;
