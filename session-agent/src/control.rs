@@ -10,6 +10,7 @@
 //! is pinned to the output offset at which its `%begin` arrives.
 
 use std::collections::VecDeque;
+use std::fmt::Write as _;
 
 /// The longest line a control client accepts: tmux batches output into lines of a few KiB and
 /// a history capture is one reply line per terminal line, so anything this long is broken.
@@ -84,9 +85,7 @@ impl Decoder {
             } else {
                 let mut line = std::mem::take(&mut self.partial);
                 line.extend_from_slice(head);
-                if line.len() > MAX_LINE {
-                    return Err(DecodeError::LineTooLong);
-                }
+                // `line` refuses it when too long.
                 self.line(&line, out)?;
             }
         }
@@ -348,7 +347,7 @@ pub fn send_keys(target: &str, data: &[u8]) -> Vec<String> {
             let n = n.clamp(1, MAX_KEYS_PER_COMMAND);
             line.push_str("-H");
             for b in &rest[..n] {
-                line.push_str(&format!(" {b:02x}"));
+                let _ = write!(line, " {b:02x}");
             }
             n
         };
