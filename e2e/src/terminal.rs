@@ -98,12 +98,12 @@ impl Terminal {
                 })??;
             match event {
                 Event::Output { data, .. } => self.seen.push_str(&String::from_utf8_lossy(&data)),
-                Event::Snapshot(s) => self.seen.push_str(&String::from_utf8_lossy(&s.to_ansi())),
+                Event::Snapshot(s) => self.seen.push_str(&String::from_utf8_lossy(&s.data)),
                 Event::Exit { code, reason } => bail!("the shell exited ({code}: {reason})"),
                 Event::Closed { code, reason } => {
                     bail!("the connection closed ({code:?}: {reason})")
                 }
-                Event::Pong(_) => {}
+                Event::Pong(_) | Event::Size(_) => {}
             }
         }
     }

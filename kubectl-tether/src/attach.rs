@@ -171,9 +171,12 @@ async fn session(
                     let _ = out.flush();
                 }
                 Ok(Event::Snapshot(s)) => {
-                    let _ = out.write_all(&s.to_ansi());
+                    // It starts with a terminal reset, then history, screen, cursor and modes.
+                    let _ = out.write_all(&s.data);
                     let _ = out.flush();
                 }
+                // The pane's size is the driver's; an observer's terminal shows it as it fits.
+                Ok(Event::Size(_)) => {}
                 Ok(Event::Exit { code, .. }) => return End::Exit(code),
                 Ok(Event::Pong(_)) => {}
                 Ok(Event::Closed { code, reason }) => return closed(&term, code, reason),

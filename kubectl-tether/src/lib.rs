@@ -11,7 +11,7 @@
 //! - [`kubeconfig`]: the current context's namespace.
 //!
 //! The plugin links neither the gateway nor a Kubernetes client: it only speaks HTTP and the
-//! `tether.v1` protocol to the gateway, and OIDC to the provider.
+//! `tether.v2` protocol to the gateway, and OIDC to the provider.
 #![forbid(unsafe_code)]
 
 pub mod attach;

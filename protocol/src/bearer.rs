@@ -1,6 +1,6 @@
 //! How a non-browser client carries its token on the WebSocket upgrade: a second offered
 //! subprotocol `tether.bearer.<base64url(token)>` beside [`crate::SUBPROTOCOL`]. Never a query
-//! parameter (URLs end up in logs); the gateway's answer selects only `tether.v1`, so the token
+//! parameter (URLs end up in logs); the gateway's answer selects only `tether.v2`, so the token
 //! is not echoed back.
 
 use base64::Engine as _;
@@ -51,6 +51,6 @@ mod tests {
             bearer_protocol_token(&[format!("{BEARER_PROTOCOL_PREFIX}!!")]),
             None
         );
-        assert_eq!(bearer_protocol_token(&["tether.v1".into()]), None);
+        assert_eq!(bearer_protocol_token(&["tether.v2".into()]), None);
     }
 }

@@ -76,9 +76,13 @@ pub enum Event {
         offset: u64,
         data: Bytes,
     },
-    /// A screen snapshot replacing output the agent no longer held. Write
-    /// [`SnapshotFrame::to_ansi`] to the terminal; output continues at `snapshot.offset`.
+    /// A whole snapshot (its chunks put together, `more` false): reset the terminal to its size,
+    /// drop its scrollback and write `data`; output continues at `snapshot.offset`. It comes
+    /// first on every new connection, on a resume past what the agent holds, and whenever the
+    /// client fell so far behind that the agent skipped it forward.
     Snapshot(SnapshotFrame),
+    /// The pane's size from here on in the stream (first right after `WELCOME`).
+    Size(Size),
     /// The shell exited; a close follows.
     Exit {
         code: i32,
@@ -92,7 +96,7 @@ pub enum Event {
     },
 }
 
-/// A terminal connection speaking `tether.v1`.
+/// A terminal connection speaking `tether.v2`.
 #[derive(Debug)]
 pub struct TerminalClient<S> {
     ws: S,
@@ -100,6 +104,8 @@ pub struct TerminalClient<S> {
     received: u64,
     acked: u64,
     auto_ack: bool,
+    /// The chunks of a snapshot that has more to come.
+    partial: Option<SnapshotFrame>,
 }
 
 impl<S, E> TerminalClient<S>
@@ -137,11 +143,12 @@ where
                 mode: Mode::Observe,
                 window: 0,
                 offset: 0,
-                start: Start::New,
+                start: Start::Snapshot,
             },
             received: 0,
             acked: 0,
             auto_ack: true,
+            partial: None,
         };
         this.send_frame(&first).await?;
         let frame = loop {
@@ -212,6 +219,45 @@ where
             };
             match frame {
                 Err(close) => return Ok(close),
+                Ok(ServerFrame::Snapshot(s)) => {
+                    if let Some(p) = &self.partial
+                        && (p.offset, p.size, p.truncated) != (s.offset, s.size, s.truncated)
+                    {
+                        return Err(ClientError::Protocol(format!(
+                            "snapshot chunk at {} {:?} inside a snapshot at {} {:?}",
+                            s.offset, s.size, p.offset, p.size
+                        )));
+                    }
+                    let whole = match self.partial.take() {
+                        None => s,
+                        Some(mut p) => {
+                            let mut data = Vec::with_capacity(p.data.len() + s.data.len());
+                            data.extend_from_slice(&p.data);
+                            data.extend_from_slice(&s.data);
+                            p.data = data.into();
+                            p.more = s.more;
+                            p
+                        }
+                    };
+                    if whole.data.len() > crate::MAX_SNAPSHOT_TOTAL {
+                        return Err(ClientError::Protocol(format!(
+                            "snapshot of more than {} bytes",
+                            crate::MAX_SNAPSHOT_TOTAL
+                        )));
+                    }
+                    if whole.more {
+                        self.partial = Some(whole);
+                        continue;
+                    }
+                    self.received = whole.offset;
+                    self.acked = whole.offset;
+                    return Ok(Event::Snapshot(whole));
+                }
+                Ok(_) if self.partial.is_some() => {
+                    return Err(ClientError::Protocol(
+                        "a frame between the chunks of a snapshot".into(),
+                    ));
+                }
                 Ok(ServerFrame::Output { offset, data }) => {
                     if offset != self.received {
                         return Err(ClientError::Protocol(format!(
@@ -227,13 +273,9 @@ where
                     }
                     return Ok(Event::Output { offset, data });
                 }
-                Ok(ServerFrame::Snapshot(s)) => {
-                    self.received = s.offset;
-                    self.acked = self.acked.max(s.offset);
-                    return Ok(Event::Snapshot(s));
-                }
                 Ok(ServerFrame::Exit { code, reason }) => return Ok(Event::Exit { code, reason }),
                 Ok(ServerFrame::Pong(n)) => return Ok(Event::Pong(n)),
+                Ok(ServerFrame::Size(size)) => return Ok(Event::Size(size)),
                 Ok(f @ ServerFrame::Welcome { .. }) => {
                     return Err(ClientError::Protocol(format!("unexpected {f:?}")));
                 }

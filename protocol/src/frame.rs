@@ -35,12 +35,14 @@ pub mod server_type {
     pub const WELCOME: u8 = 0x81;
     /// `OUTPUT offset:u64 bytes…`.
     pub const OUTPUT: u8 = 0x82;
-    /// `SNAPSHOT offset:u64 cols:u16 rows:u16 cursor_x:u16 cursor_y:u16 flags:u8 bytes…`.
+    /// `SNAPSHOT offset:u64 cols:u16 rows:u16 flags:u8 bytes…` — one chunk of a snapshot.
     pub const SNAPSHOT: u8 = 0x83;
     /// `EXIT code:i32 reason…(UTF-8)`.
     pub const EXIT: u8 = 0x84;
     /// `PONG nonce:u64`.
     pub const PONG: u8 = 0x85;
+    /// `SIZE cols:u16 rows:u16` — the pane's size from here on in the stream.
+    pub const SIZE: u8 = 0x86;
 }
 
 /// Why a frame could not be decoded. Each variant maps to a close code with
@@ -160,18 +162,16 @@ impl Mode {
 /// How the output of a connection starts, announced in `WELCOME`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Start {
-    /// A new client: output starts at offset 0 with tmux drawing the screen.
-    New = 0,
     /// A resume whose offset the agent still held: output continues exactly after it.
     Replay = 1,
-    /// A resume whose bytes are gone: a `SNAPSHOT` frame follows before any output.
+    /// A new client, or a resume whose bytes are gone: a snapshot at the `WELCOME`'s offset
+    /// comes before any output.
     Snapshot = 2,
 }
 
 impl Start {
     fn from_byte(b: u8) -> Result<Self, DecodeError> {
         match b {
-            0 => Ok(Start::New),
             1 => Ok(Start::Replay),
             2 => Ok(Start::Snapshot),
             other => Err(DecodeError::BadStart(other)),
@@ -196,57 +196,45 @@ pub enum ClientFrame {
     Ping(u64),
 }
 
-/// `SNAPSHOT`: the screen of the client's tmux view, sent when a resume asks for bytes the agent
-/// no longer holds.
+/// One chunk of a `SNAPSHOT`: the pane (scrollback history, screen, cursor and modes) as of
+/// output offset `offset`, as bytes that reproduce it on a terminal that was reset to `size`.
+/// A snapshot larger than [`MAX_SNAPSHOT`] comes in several chunks, all with the same offset and
+/// size, every one but the last with [`SNAPSHOT_FLAG_MORE`]; nothing else comes between them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SnapshotFrame {
     /// Output offset the snapshot stands for: the next `OUTPUT` starts here.
     pub offset: u64,
+    /// The pane's size: the terminal the bytes are written to must have it.
     pub size: Size,
-    /// Zero-based cursor column and row.
-    pub cursor_x: u16,
-    pub cursor_y: u16,
-    /// The pane shows its alternate screen (a full-screen program is running).
-    pub alternate_screen: bool,
-    pub cursor_visible: bool,
-    /// One row per line, separated by `\r\n`, with SGR escape sequences for colours
-    /// (as `tmux capture-pane -e` prints them). See [`SnapshotFrame::to_ansi`].
-    pub screen: Bytes,
+    /// Another chunk of this snapshot follows.
+    pub more: bool,
+    /// The agent kept only the newest history lines (tmux held more than a snapshot carries).
+    pub truncated: bool,
+    /// Terminal output: write it, chunk after chunk, to a terminal reset to `size`.
+    pub data: Bytes,
 }
 
-pub const SNAPSHOT_FLAG_ALTERNATE: u8 = 0x01;
-pub const SNAPSHOT_FLAG_CURSOR_VISIBLE: u8 = 0x02;
+pub const SNAPSHOT_FLAG_MORE: u8 = 0x01;
+pub const SNAPSHOT_FLAG_TRUNCATED: u8 = 0x02;
 
 impl SnapshotFrame {
-    /// Bytes that, written to a terminal emulator of `size`, reproduce the snapshot: reset,
-    /// alternate screen if needed, each row at its place, then the cursor.
-    pub fn to_ansi(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(self.screen.len() + 64);
-        out.extend_from_slice(b"\x1bc");
-        if self.alternate_screen {
-            out.extend_from_slice(b"\x1b[?1049h");
-        }
-        out.extend_from_slice(b"\x1b[H\x1b[2J");
-        for (i, line) in self.screen.split(|&b| b == b'\n').enumerate() {
-            let line = line.strip_suffix(b"\r").unwrap_or(line);
-            if i >= usize::from(self.size.rows) {
-                break;
-            }
-            out.extend_from_slice(format!("\x1b[{};1H", i + 1).as_bytes());
-            out.extend_from_slice(line);
-            out.extend_from_slice(b"\x1b[0m");
-        }
-        // The cursor is clamped to the screen: a hostile frame must not make the client misbehave
-        // (the fuzzer found the overflow of `u16::MAX + 1`).
-        let row = u32::from(self.cursor_y.min(self.size.rows - 1)) + 1;
-        let col = u32::from(self.cursor_x.min(self.size.cols - 1)) + 1;
-        out.extend_from_slice(format!("\x1b[{row};{col}H").as_bytes());
-        out.extend_from_slice(if self.cursor_visible {
-            b"\x1b[?25h"
-        } else {
-            b"\x1b[?25l"
-        });
-        out
+    /// Splits a whole snapshot into frames of at most [`MAX_SNAPSHOT`] payload bytes (one frame,
+    /// possibly empty, when `data` is small).
+    pub fn chunks(offset: u64, size: Size, truncated: bool, data: &Bytes) -> Vec<SnapshotFrame> {
+        let n = data.len().div_ceil(MAX_SNAPSHOT).max(1);
+        (0..n)
+            .map(|i| {
+                let from = (i * MAX_SNAPSHOT).min(data.len());
+                let to = ((i + 1) * MAX_SNAPSHOT).min(data.len());
+                SnapshotFrame {
+                    offset,
+                    size,
+                    more: i + 1 < n,
+                    truncated,
+                    data: data.slice(from..to),
+                }
+            })
+            .collect()
     }
 }
 
@@ -270,6 +258,9 @@ pub enum ServerFrame {
         reason: String,
     },
     Pong(u64),
+    /// The pane's size changed (or, right after `WELCOME`, what it is): the output after this
+    /// frame was written at this size.
+    Size(Size),
 }
 
 fn be_u16(b: &[u8]) -> u16 {
@@ -463,25 +454,23 @@ impl ServerFrame {
                 })
             }
             server_type::SNAPSHOT => {
-                at_least(frame, 18)?;
-                if frame.len() - 18 > MAX_SNAPSHOT {
+                at_least(frame, 14)?;
+                if frame.len() - 14 > MAX_SNAPSHOT {
                     return Err(DecodeError::TooLarge {
                         actual: frame.len(),
-                        limit: MAX_SNAPSHOT + 18,
+                        limit: MAX_SNAPSHOT + 14,
                     });
                 }
-                let flags = frame[17];
-                if flags & !(SNAPSHOT_FLAG_ALTERNATE | SNAPSHOT_FLAG_CURSOR_VISIBLE) != 0 {
+                let flags = frame[13];
+                if flags & !(SNAPSHOT_FLAG_MORE | SNAPSHOT_FLAG_TRUNCATED) != 0 {
                     return Err(DecodeError::BadFlags(flags));
                 }
                 Ok(ServerFrame::Snapshot(SnapshotFrame {
                     offset: be_u64(&frame[1..]),
                     size: size_at(&frame[9..])?,
-                    cursor_x: be_u16(&frame[13..]),
-                    cursor_y: be_u16(&frame[15..]),
-                    alternate_screen: flags & SNAPSHOT_FLAG_ALTERNATE != 0,
-                    cursor_visible: flags & SNAPSHOT_FLAG_CURSOR_VISIBLE != 0,
-                    screen: Bytes::copy_from_slice(&frame[18..]),
+                    more: flags & SNAPSHOT_FLAG_MORE != 0,
+                    truncated: flags & SNAPSHOT_FLAG_TRUNCATED != 0,
+                    data: Bytes::copy_from_slice(&frame[14..]),
                 }))
             }
             server_type::EXIT => {
@@ -503,6 +492,10 @@ impl ServerFrame {
             server_type::PONG => {
                 exact(frame, 9)?;
                 Ok(ServerFrame::Pong(be_u64(&frame[1..])))
+            }
+            server_type::SIZE => {
+                exact(frame, 5)?;
+                Ok(ServerFrame::Size(size_at(&frame[1..])?))
             }
             other => Err(DecodeError::UnknownType(other)),
         }
@@ -530,21 +523,24 @@ impl ServerFrame {
             }
             ServerFrame::Output { offset, data } => encode_output(*offset, data),
             ServerFrame::Snapshot(s) => {
-                let mut v = Vec::with_capacity(18 + s.screen.len());
+                let mut v = Vec::with_capacity(14 + s.data.len());
                 v.push(server_type::SNAPSHOT);
                 v.extend_from_slice(&s.offset.to_be_bytes());
                 put_size(&mut v, s.size);
-                v.extend_from_slice(&s.cursor_x.to_be_bytes());
-                v.extend_from_slice(&s.cursor_y.to_be_bytes());
                 let mut flags = 0;
-                if s.alternate_screen {
-                    flags |= SNAPSHOT_FLAG_ALTERNATE;
+                if s.more {
+                    flags |= SNAPSHOT_FLAG_MORE;
                 }
-                if s.cursor_visible {
-                    flags |= SNAPSHOT_FLAG_CURSOR_VISIBLE;
+                if s.truncated {
+                    flags |= SNAPSHOT_FLAG_TRUNCATED;
                 }
                 v.push(flags);
-                v.extend_from_slice(&s.screen);
+                v.extend_from_slice(&s.data);
+                v
+            }
+            ServerFrame::Size(size) => {
+                let mut v = vec![server_type::SIZE];
+                put_size(&mut v, *size);
                 v
             }
             ServerFrame::Exit { code, reason } => {
@@ -612,12 +608,11 @@ mod tests {
             ServerFrame::Snapshot(SnapshotFrame {
                 offset: 5,
                 size: size(),
-                cursor_x: 3,
-                cursor_y: 4,
-                alternate_screen: true,
-                cursor_visible: false,
-                screen: Bytes::from_static(b"\x1b[31mred\x1b[0m\r\nline"),
+                more: true,
+                truncated: true,
+                data: Bytes::from_static(b"\x1b[31mred\x1b[0m\r\nline"),
             }),
+            ServerFrame::Size(size()),
             ServerFrame::Exit {
                 code: -1,
                 reason: "shell exited".into(),
@@ -735,8 +730,8 @@ mod tests {
             if let Some(first) = buf.first_mut() {
                 // Bias towards known types so the interesting paths run often.
                 if rng.random_bool(0.8) {
-                    *first =
-                        [1u8, 2, 3, 4, 5, 6, 0x81, 0x82, 0x83, 0x84, 0x85][rng.random_range(0..11)];
+                    *first = [1u8, 2, 3, 4, 5, 6, 0x81, 0x82, 0x83, 0x84, 0x85, 0x86]
+                        [rng.random_range(0..12)];
                 }
             }
             if let Ok(f) = ClientFrame::decode(&buf) {
@@ -744,48 +739,62 @@ mod tests {
             }
             if let Ok(f) = ServerFrame::decode(&buf) {
                 assert_eq!(f.encode(), buf);
-                if let ServerFrame::Snapshot(s) = f {
-                    let _ = s.to_ansi();
-                }
             }
         }
     }
 
     #[test]
-    fn snapshot_ansi_clamps_a_cursor_outside_the_screen() {
-        // Found by the cargo-fuzz target: cursor_y = 65535 overflowed.
-        let s = SnapshotFrame {
-            offset: 0,
-            size: Size::new(10, 2).unwrap(),
-            cursor_x: u16::MAX,
-            cursor_y: u16::MAX,
-            alternate_screen: false,
-            cursor_visible: false,
-            screen: Bytes::new(),
-        };
-        assert!(
-            String::from_utf8(s.to_ansi())
-                .unwrap()
-                .ends_with("\x1b[2;10H\x1b[?25l")
+    fn a_large_snapshot_is_chunked_and_the_chunks_concatenate_to_it() {
+        let data = Bytes::from(
+            (0..MAX_SNAPSHOT * 2 + 5)
+                .map(|i| i as u8)
+                .collect::<Vec<_>>(),
         );
+        let chunks = SnapshotFrame::chunks(77, size(), false, &data);
+        assert_eq!(chunks.len(), 3);
+        assert!(chunks[0].more && chunks[1].more && !chunks[2].more);
+        assert!(chunks.iter().all(|c| c.offset == 77 && c.size == size()));
+        let joined: Vec<u8> = chunks.iter().flat_map(|c| c.data.to_vec()).collect();
+        assert_eq!(joined, data);
+        for c in &chunks {
+            let bytes = ServerFrame::Snapshot(c.clone()).encode();
+            assert!(bytes.len() <= crate::MAX_SERVER_FRAME);
+        }
+        let one = SnapshotFrame::chunks(1, size(), true, &Bytes::new());
+        assert_eq!(one.len(), 1);
+        assert!(!one[0].more && one[0].truncated && one[0].data.is_empty());
     }
 
     #[test]
-    fn snapshot_ansi_places_rows_and_cursor() {
-        let s = SnapshotFrame {
-            offset: 0,
-            size: Size::new(10, 2).unwrap(),
-            cursor_x: 2,
-            cursor_y: 1,
-            alternate_screen: false,
-            cursor_visible: true,
-            screen: Bytes::from_static(b"ab\r\ncd\r\n"),
-        };
-        let a = String::from_utf8(s.to_ansi()).unwrap();
-        assert!(
-            a.contains("\x1b[1;1Hab")
-                && a.contains("\x1b[2;1Hcd")
-                && a.ends_with("\x1b[2;3H\x1b[?25h")
+    fn the_v2_agent_frames_have_their_documented_bytes() {
+        assert_eq!(
+            ServerFrame::Size(Size::new(80, 24).unwrap()).encode(),
+            [0x86, 0, 80, 0, 24]
         );
+        let snap = ServerFrame::Snapshot(SnapshotFrame {
+            offset: 2,
+            size: Size::new(80, 24).unwrap(),
+            more: true,
+            truncated: false,
+            data: Bytes::from_static(b"x"),
+        });
+        assert_eq!(
+            snap.encode(),
+            [0x83, 0, 0, 0, 0, 0, 0, 0, 2, 0, 80, 0, 24, 1, b'x']
+        );
+        // Start 0 (v1's "new") is gone: a v2 agent always sends a snapshot to a new client.
+        let mut w = ServerFrame::Welcome {
+            client_id: ClientId([0; 16]),
+            mode: Mode::Attach,
+            window: 1,
+            offset: 0,
+            start: Start::Replay,
+        }
+        .encode();
+        *w.last_mut().unwrap() = 0;
+        assert_eq!(ServerFrame::decode(&w), Err(DecodeError::BadStart(0)));
+        let mut bad = snap.encode();
+        bad[13] = 0x04;
+        assert_eq!(ServerFrame::decode(&bad), Err(DecodeError::BadFlags(0x04)));
     }
 }

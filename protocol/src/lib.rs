@@ -24,7 +24,7 @@ pub use close::CloseCode;
 pub use frame::{ClientFrame, ClientId, DecodeError, Mode, ServerFrame, Size, SnapshotFrame};
 
 /// The WebSocket subprotocol (`Sec-WebSocket-Protocol`) of this version of the protocol.
-pub const SUBPROTOCOL: &str = "tether.v1";
+pub const SUBPROTOCOL: &str = "tether.v2";
 
 /// Largest frame a client may send (type byte included). Input larger than this must be split.
 pub const MAX_CLIENT_FRAME: usize = 64 * 1024;
@@ -32,11 +32,14 @@ pub const MAX_CLIENT_FRAME: usize = 64 * 1024;
 pub const MAX_INPUT: usize = MAX_CLIENT_FRAME - 1;
 /// Largest `OUTPUT` payload the agent sends in one frame.
 pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
-/// Largest `SNAPSHOT` payload.
-pub const MAX_SNAPSHOT: usize = 8 * 1024 * 1024;
+/// Largest payload of one `SNAPSHOT` chunk; a larger snapshot comes in several.
+pub const MAX_SNAPSHOT: usize = 1024 * 1024;
+/// Largest whole snapshot (all its chunks) an agent sends; it keeps the newest history lines
+/// that fit and marks the snapshot truncated.
+pub const MAX_SNAPSHOT_TOTAL: usize = 32 * 1024 * 1024;
 /// Largest `EXIT` reason, in bytes of UTF-8.
 pub const MAX_EXIT_REASON: usize = 1024;
-/// Largest frame the agent sends (a snapshot with its header).
+/// Largest frame the agent sends (a snapshot chunk with its header).
 pub const MAX_SERVER_FRAME: usize = MAX_SNAPSHOT + 64;
 /// Terminal dimensions are `1..=MAX_DIMENSION` columns and rows.
 pub const MAX_DIMENSION: u16 = 1000;

@@ -92,13 +92,22 @@ pub struct Args {
     #[arg(long, env = "TETHER_RECORDING_DIR")]
     pub recording_dir: Option<PathBuf>,
 
-    /// Flow-control window: a client's pty is not read while this many bytes are unacknowledged.
+    /// Flow-control window: a connection is sent no more output while this many bytes are
+    /// unacknowledged.
     #[arg(long, env = "TETHER_WINDOW_BYTES", default_value_t = 512 * 1024, value_parser = clap::value_parser!(u32).range(4096..))]
     pub window_bytes: u32,
 
-    /// Output each client keeps for resume (at least the window).
-    #[arg(long, env = "TETHER_BUFFER_BYTES", default_value_t = 2 * 1024 * 1024)]
+    /// The session's output log: how many of the newest output bytes the agent keeps for
+    /// resumes (at least the window). A resume from an offset older
+    /// than that gets a snapshot.
+    #[arg(long, env = "TETHER_BUFFER_BYTES", default_value_t = 8 * 1024 * 1024)]
     pub buffer_bytes: usize,
+
+    /// A connection whose unacknowledged backlog (the log's end minus what it acknowledged)
+    /// exceeds this is skipped forward to a snapshot instead of being sent the bytes in between:
+    /// a flood is never replayed to a slow viewer, and what follows Ctrl-C arrives promptly.
+    #[arg(long, env = "TETHER_CATCH_UP_BYTES", default_value_t = 2 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(4096..))]
+    pub catch_up_bytes: u64,
 
     /// How long a disconnected client is kept for a resume.
     #[arg(long, env = "TETHER_RESUME_GRACE_SECONDS", default_value_t = 60)]
@@ -107,7 +116,7 @@ pub struct Args {
     /// Most clients (attached, observing or in their grace period) at once. An interactive
     /// client is never refused while a slot is held by an observer or a client in its grace
     /// period: the oldest of those makes room.
-    #[arg(long, env = "TETHER_MAX_CLIENTS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    #[arg(long, env = "TETHER_MAX_CLIENTS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub max_clients: u32,
 
     /// Clients one user may keep in their grace period (connection lost, not closed with 1000);
@@ -118,11 +127,6 @@ pub struct Args {
     /// How long SIGTERM waits for connections to close before the agent exits.
     #[arg(long, env = "TETHER_DRAIN_SECONDS", default_value_t = 5)]
     pub drain_seconds: u64,
-
-    /// Tests only: write each client's output stream, byte for byte, to a file named after the
-    /// client id in this directory, so tests can check a transcript against what was sent.
-    #[arg(long, hide = true)]
-    pub debug_tee_dir: Option<PathBuf>,
 
     /// Log format.
     #[arg(long, env = "TETHER_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -151,12 +155,12 @@ pub struct Config {
     pub recording_dir: Option<PathBuf>,
     pub window: u32,
     pub buffer_bytes: usize,
+    pub catch_up_bytes: usize,
     pub resume_grace: Duration,
     pub max_clients: usize,
     pub max_grace_clients_per_user: usize,
     pub drain: Duration,
     pub command: Vec<String>,
-    pub debug_tee_dir: Option<PathBuf>,
 }
 
 /// Parses `--shell-env`: names as the schema allows them (letters, digits, underscores, not
@@ -254,13 +258,13 @@ impl Args {
             rows: self.rows,
             recording_dir: self.recording_dir,
             window: self.window_bytes,
+            catch_up_bytes: usize::try_from(self.catch_up_bytes).unwrap_or(usize::MAX),
             buffer_bytes: self.buffer_bytes.max(self.window_bytes as usize),
             resume_grace: Duration::from_secs(self.resume_grace_seconds),
             max_clients: self.max_clients as usize,
             max_grace_clients_per_user: self.max_grace_clients_per_user as usize,
             drain: Duration::from_secs(self.drain_seconds),
             command,
-            debug_tee_dir: self.debug_tee_dir,
         })
     }
 }

@@ -208,11 +208,47 @@ impl ControlClient {
     }
 
     /// Types `data` into the pane exactly (see [`send_keys`]); returns once tmux took all of it.
+    /// All its command lines are written at once (tmux answers them in order), so a large
+    /// paste costs one round trip, and no other input comes between its lines.
     pub async fn type_bytes(&self, data: &[u8]) -> Result<(), ControlError> {
         let target = format!("%{}", self.pane);
-        for line in send_keys(&target, data) {
-            let reply = self.command(&line).await?;
-            if !reply.ok {
+        let lines = send_keys(&target, data);
+        let mut answers = Vec::with_capacity(lines.len());
+        {
+            let mut input = self.input.lock().await;
+            if let Some(why) = self.shared.ended.borrow().clone() {
+                return Err(why);
+            }
+            let mut bytes = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
+            {
+                let mut waiting = self.shared.waiting.lock().expect("not poisoned");
+                for line in &lines {
+                    let (tx, rx) = oneshot::channel();
+                    waiting.push_back(Waiter {
+                        commands: 1,
+                        replies: Vec::with_capacity(1),
+                        tx,
+                    });
+                    answers.push(rx);
+                    bytes.extend_from_slice(line.as_bytes());
+                    bytes.push(b'\n');
+                }
+            }
+            input
+                .write_all(&bytes)
+                .await
+                .map_err(|e| ControlError::Write(e.to_string()))?;
+        }
+        for rx in answers {
+            let Ok(replies) = rx.await else {
+                return Err(self
+                    .shared
+                    .ended
+                    .borrow()
+                    .clone()
+                    .unwrap_or(ControlError::Exited(None)));
+            };
+            if let Some(reply) = replies.into_iter().find(|r| !r.ok) {
                 return Err(ControlError::Refused {
                     command: "send-keys".into(),
                     reason: String::from_utf8_lossy(&reply.lines.concat()).into_owned(),
@@ -220,6 +256,12 @@ impl ControlClient {
             }
         }
         Ok(())
+    }
+
+    /// The oldest offset the log still holds and the offset after its newest byte.
+    pub fn offsets(&self) -> (u64, u64) {
+        let log = self.shared.log.lock().expect("not poisoned");
+        (log.start(), log.end())
     }
 
     /// Up to `max` bytes of the pane's output from `offset`.

@@ -1,5 +1,5 @@
 //! The Tether session agent: runs in a session pod, starts tmux for the session's shell, and
-//! serves the `tether.v1` terminal protocol (see `docs/protocol.md`) to connections that present
+//! serves the `tether.v2` terminal protocol (see `docs/protocol.md`) to connections that present
 //! a gateway-signed attach ticket.
 //!
 //! [`run`] is the whole agent on a bound listener; `main.rs` only parses flags, binds, and turns
@@ -15,7 +15,6 @@ pub mod resume;
 mod server;
 pub mod slots;
 pub mod snapshot;
-pub mod term;
 pub mod tmux;
 
 use std::future::Future;
@@ -37,8 +36,6 @@ pub enum Error {
     Io(String, #[source] std::io::Error),
     #[error("tmux: {0}")]
     Tmux(String),
-    #[error("pty: {0}")]
-    Pty(#[source] pty_process::Error),
     #[error("ticket public key: {0}")]
     Ticket(#[source] tether_protocol::ticket::TicketError),
     /// The session's command cannot be executed, so there is no shell to serve.

@@ -22,14 +22,16 @@ pub struct Metrics {
     registry: Registry,
     /// Connected clients by mode.
     pub clients: Family<ModeLabel, Gauge>,
-    /// Bytes read from clients' ptys (sent or to be sent).
+    /// Bytes of the session's output sent to connections (each connection counts).
     pub bytes_out: Counter,
     /// Input bytes written to the session.
     pub bytes_in: Counter,
     pub resumes: Counter,
     pub snapshots: Counter,
-    /// Times a client's pty reader stopped because its window was full.
+    /// Times a connection stopped sending because its window was full.
     pub flow_pauses: Counter,
+    /// Times a connection that fell too far behind was skipped forward to a snapshot.
+    pub catch_ups: Counter,
     /// Connections closed by the agent, by close code name.
     pub closes: Family<CodeLabel, Counter>,
 }
@@ -43,11 +45,12 @@ impl Metrics {
         let resumes = Counter::default();
         let snapshots = Counter::default();
         let flow_pauses = Counter::default();
+        let catch_ups = Counter::default();
         let closes = Family::<CodeLabel, Counter>::default();
         registry.register("clients", "Connected clients by mode", clients.clone());
         registry.register(
             "output_bytes",
-            "Bytes of terminal output read for clients",
+            "Bytes of terminal output sent to connections",
             bytes_out.clone(),
         );
         registry.register(
@@ -62,13 +65,18 @@ impl Metrics {
         );
         registry.register(
             "snapshots",
-            "Screen snapshots sent instead of a replay",
+            "Snapshots sent: to new clients, to resumes past the log, and to catch up",
             snapshots.clone(),
         );
         registry.register(
             "flow_pauses",
-            "Times a pty reader paused on a full window",
+            "Times a connection paused on a full flow-control window",
             flow_pauses.clone(),
+        );
+        registry.register(
+            "catch_ups",
+            "Times a connection far behind was skipped forward to a snapshot",
+            catch_ups.clone(),
         );
         registry.register(
             "closes",
@@ -83,6 +91,7 @@ impl Metrics {
             resumes,
             snapshots,
             flow_pauses,
+            catch_ups,
             closes,
         }
     }

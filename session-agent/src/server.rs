@@ -1,4 +1,11 @@
 //! HTTP routes and the per-connection protocol loop.
+//!
+//! The session has one tmux control client ([`ControlClient`]); its decoded `%output` is one
+//! session-wide log with absolute offsets. A connection is a reader of that log from its own
+//! offset, flow-controlled by its own window, and never slows the log or anyone else: a
+//! connection that falls more than `--catch-up-bytes` behind is skipped forward to a fresh
+//! [`Snapshot`], so a flood is never replayed to a slow viewer and the prompt after Ctrl-C
+//! arrives promptly.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,19 +18,23 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use bytes::Bytes;
 use futures::SinkExt;
-use tether_protocol::frame::{Start, encode_output};
+use tether_protocol::frame::{SnapshotFrame, Start, encode_output};
 use tether_protocol::ticket::{self, Claims, TicketError, Verifier};
 use tether_protocol::{
-    ClientFrame, ClientId, CloseCode, MAX_CLIENT_FRAME, Mode, SUBPROTOCOL, ServerFrame, Size,
+    ClientFrame, ClientId, CloseCode, MAX_CLIENT_FRAME, MAX_OUTPUT_CHUNK, MAX_SNAPSHOT_TOTAL, Mode,
+    SUBPROTOCOL, ServerFrame, Size,
 };
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{Instrument, debug, info, info_span, warn};
 
+use crate::control::Read;
+use crate::control_client::{ControlClient, ControlError};
 use crate::metrics::{CodeLabel, Metrics, ModeLabel};
-use crate::term::{Options, READ_CHUNK, TermClient};
-use crate::tmux::Tmux;
+use crate::snapshot::Snapshot;
+use crate::tmux::{PANE_STATE_FORMAT, SESSION, Tmux};
 use crate::{Config, Error, Outcome, Result, TerminationMessage};
 use crate::{resume, slots};
 
@@ -42,11 +53,43 @@ const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(45);
 /// Output sent per turn of the connection loop before input is looked at again.
 const SEND_BATCH: usize = 256 * 1024;
 
+/// One client of the session: who opened it, in which mode, and which connection drives it.
+/// It holds no output: every client reads the session's one log.
+#[derive(Debug)]
+struct Viewer {
+    id: ClientId,
+    user: String,
+    mode: Mode,
+    state: Mutex<ViewerState>,
+    /// Bumped to the generation of the connection that now drives the client.
+    takeover: watch::Sender<u64>,
+}
+
+#[derive(Debug, Default)]
+struct ViewerState {
+    /// Generation of the connection currently driving this client (0: none).
+    connection: u64,
+    /// Set while no connection drives the client; the grace period counts from here.
+    disconnected_at: Option<Instant>,
+}
+
+impl Viewer {
+    fn new(user: String, mode: Mode) -> Arc<Self> {
+        Arc::new(Self {
+            id: ClientId::random(),
+            user,
+            mode,
+            state: Mutex::new(ViewerState::default()),
+            takeover: watch::channel(0).0,
+        })
+    }
+}
+
 /// The clients holding slots, and how many more are being opened right now; one lock, so that
 /// admission is decided and its slot taken in one step.
 #[derive(Default)]
 struct Clients {
-    map: HashMap<ClientId, Arc<TermClient>>,
+    map: HashMap<ClientId, Arc<Viewer>>,
     opening: usize,
 }
 
@@ -81,9 +124,39 @@ enum Ending {
     Drain,
 }
 
+/// The pane's size: the size the driver asked for, where the driver is the attach connection
+/// that connected last and is still connected. Observers never size the pane.
+#[derive(Debug, Default)]
+struct Drivers {
+    /// (connection generation, size it wants), oldest first.
+    wanted: Vec<(u64, Size)>,
+}
+
+impl Drivers {
+    fn driver(&self) -> Option<Size> {
+        self.wanted.last().map(|(_, s)| *s)
+    }
+}
+
+/// The pane's size and the log offset from which output was written at it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct PaneSize {
+    size: Size,
+    from: u64,
+}
+
+/// A snapshot ready to send, shared by connections that ask while the pane is unchanged.
+#[derive(Debug)]
+struct Encoded {
+    offset: u64,
+    size: Size,
+    truncated: bool,
+    data: Bytes,
+}
+
 struct Agent {
     cfg: Config,
-    tmux: Tmux,
+    control: ControlClient,
     verifier: Verifier,
     metrics: Arc<Metrics>,
     clients: Mutex<Clients>,
@@ -92,6 +165,12 @@ struct Agent {
     ready: AtomicBool,
     ending: watch::Sender<Option<Ending>>,
     generation: AtomicU64,
+    drivers: Mutex<Drivers>,
+    /// Serializes resizes of the pane, so the size told to clients is the one tmux has.
+    resizing: tokio::sync::Mutex<()>,
+    size: watch::Sender<PaneSize>,
+    /// The last snapshot, reused while the log has not moved and the pane was not resized.
+    snapshot: tokio::sync::Mutex<Option<Arc<Encoded>>>,
 }
 
 /// Runs the agent on `listener` until the shell exits, the session idles out, or `shutdown`
@@ -126,6 +205,10 @@ pub async fn run(
     result
 }
 
+fn control_error(e: ControlError) -> Error {
+    Error::Tmux(e.to_string())
+}
+
 async fn serve(
     cfg: Config,
     listener: TcpListener,
@@ -144,8 +227,33 @@ async fn serve(
     crate::check_command(&cfg.command, Some(std::ffi::OsStr::new(path)))?;
     tmux.start(&cfg.state_dir, &cfg.command, &cfg.shell_env, size)
         .await?;
+    if let Some(dir) = &cfg.recording_dir {
+        crate::recording::start(&tmux, &cfg, dir, size).await?;
+    }
+    // From here on every command goes through the control client: separate tmux processes
+    // next to a control client have crashed tmux servers.
+    let control = ControlClient::attach(
+        tmux.program(),
+        tmux.socket(),
+        &crate::tmux::base_env(),
+        SESSION,
+        cfg.buffer_bytes,
+    )
+    .await
+    .map_err(control_error)?;
+    // A control client counts for the window's size only once it has one.
+    let sized = control
+        .command(&format!("refresh-client -C {}x{}", size.cols, size.rows))
+        .await
+        .map_err(control_error)?;
+    if !sized.ok {
+        return Err(Error::Tmux(format!(
+            "refresh-client -C: {}",
+            String::from_utf8_lossy(&sized.lines.concat())
+        )));
+    }
     let agent = Arc::new(Agent {
-        tmux: tmux.clone(),
+        control,
         verifier,
         metrics: Arc::new(Metrics::new()),
         clients: Mutex::new(Clients::default()),
@@ -154,11 +262,12 @@ async fn serve(
         ready: AtomicBool::new(true),
         ending: watch::channel(None).0,
         generation: AtomicU64::new(0),
+        drivers: Mutex::new(Drivers::default()),
+        resizing: tokio::sync::Mutex::new(()),
+        size: watch::channel(PaneSize { size, from: 0 }).0,
+        snapshot: tokio::sync::Mutex::new(None),
         cfg,
     });
-    if let Some(dir) = &agent.cfg.recording_dir {
-        crate::recording::start(&agent.tmux, &agent.cfg, dir, size).await?;
-    }
     let app = axum::Router::new()
         .route("/attach", get(attach))
         .route("/healthz", get(|| async { "ok" }))
@@ -168,7 +277,7 @@ async fn serve(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::Io("listener".into(), e))?;
-    info!(%addr, session = %agent.cfg.session, "serving");
+    info!(%addr, session = %agent.cfg.session, pane = agent.control.pane(), "serving");
     let server = tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             warn!(error = %e, "http server stopped");
@@ -192,6 +301,90 @@ async fn serve(
     outcome
 }
 
+impl Agent {
+    /// The shell's state, asked through the control client.
+    async fn pane_state(&self) -> Result<crate::tmux::PaneState> {
+        let pane = self.control.pane();
+        let reply = self
+            .control
+            .command(&format!(
+                "display-message -p -t %{pane} '{PANE_STATE_FORMAT}'"
+            ))
+            .await
+            .map_err(control_error)?;
+        if !reply.ok {
+            return Err(Error::Tmux(format!(
+                "display-message: {}",
+                String::from_utf8_lossy(&reply.lines.concat())
+            )));
+        }
+        Ok(crate::tmux::pane_state(&String::from_utf8_lossy(
+            &reply.lines.concat(),
+        )))
+    }
+
+    /// Sizes the pane as the driver wants it, and tells every connection (in stream order).
+    async fn apply_driver_size(&self) {
+        let _one = self.resizing.lock().await;
+        let Some(want) = self.drivers.lock().unwrap().driver() else {
+            return;
+        };
+        if self.size.borrow().size == want {
+            return;
+        }
+        match self
+            .control
+            .command(&format!("refresh-client -C {}x{}", want.cols, want.rows))
+            .await
+        {
+            Ok(r) if r.ok => {
+                debug!(
+                    cols = want.cols,
+                    rows = want.rows,
+                    at = r.offset,
+                    "pane resized"
+                );
+                self.size.send_replace(PaneSize {
+                    size: want,
+                    from: r.offset,
+                });
+            }
+            Ok(r) => warn!(
+                error = %String::from_utf8_lossy(&r.lines.concat()),
+                "tmux refused the resize"
+            ),
+            Err(e) => warn!(error = %e, "resize failed"),
+        }
+    }
+
+    /// A snapshot of the pane now: the cached one while nothing changed, else a new capture
+    /// (one at a time, so a crowd joining at once costs one capture).
+    async fn snapshot(&self) -> Result<Arc<Encoded>, ControlError> {
+        let mut cache = self.snapshot.lock().await;
+        let end = self.control.offsets().1;
+        let size = self.size.borrow().size;
+        if let Some(c) = cache.as_ref()
+            && c.offset == end
+            && c.size == size
+        {
+            return Ok(c.clone());
+        }
+        let mut snap = Snapshot::capture(&self.control).await?;
+        let truncated = snap.fit(MAX_SNAPSHOT_TOTAL);
+        let size = Size::new(snap.width, snap.height).map_err(|e| {
+            ControlError::Protocol(crate::control::DecodeError::Unexpected(e.to_string()))
+        })?;
+        let encoded = Arc::new(Encoded {
+            offset: snap.offset,
+            size,
+            truncated,
+            data: snap.to_ansi().into(),
+        });
+        *cache = Some(encoded.clone());
+        Ok(encoded)
+    }
+}
+
 /// Polls tmux for the shell's exit and idleness, reaps clients past their grace period.
 async fn supervise(agent: &Arc<Agent>, shutdown: impl Future<Output = ()>) -> Result<Outcome> {
     let mut tick = tokio::time::interval(POLL);
@@ -200,9 +393,10 @@ async fn supervise(agent: &Arc<Agent>, shutdown: impl Future<Output = ()>) -> Re
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(Outcome::Terminated),
+            why = agent.control.ended() => return Err(control_error(why)),
             _ = tick.tick() => {}
         }
-        let state = agent.tmux.pane_state().await?;
+        let state = agent.pane_state().await?;
         if let Some(code) = state.exited {
             return Ok(Outcome::ShellExited { code });
         }
@@ -231,7 +425,7 @@ async fn supervise(agent: &Arc<Agent>, shutdown: impl Future<Output = ()>) -> Re
         let grace = agent.cfg.resume_grace;
         agent.clients.lock().unwrap().map.retain(|id, c| {
             let st = c.state.lock().unwrap();
-            let keep = !st.closed && st.disconnected_at.is_none_or(|t| t.elapsed() < grace);
+            let keep = st.connection != 0 || st.disconnected_at.is_none_or(|t| t.elapsed() < grace);
             if !keep {
                 debug!(client = %id, "client removed after its grace period");
             }
@@ -346,25 +540,25 @@ async fn connection(
         }
     };
 
-    let (client, start, offset) = match first {
+    let (client, start, offset, size) = match first {
         ClientFrame::Open { size } => {
             let limits = slots::Limits {
                 max_clients: agent.cfg.max_clients,
                 grace_per_user: agent.cfg.max_grace_clients_per_user,
             };
+            let client = Viewer::new(claims.sub.clone(), mode);
             let evicted = {
                 let mut clients = agent.clients.lock().unwrap();
                 let holders = clients.holders();
                 match slots::admit(&holders, clients.opening, limits, &claims.sub, mode) {
                     slots::Admission::Full => None,
                     slots::Admission::Admit { evict } => {
-                        clients.opening += 1;
-                        Some(
-                            evict
-                                .iter()
-                                .filter_map(|id| clients.map.remove(id))
-                                .collect::<Vec<_>>(),
-                        )
+                        let evicted: Vec<_> = evict
+                            .iter()
+                            .filter_map(|id| clients.map.remove(id))
+                            .collect();
+                        clients.map.insert(client.id, client.clone());
+                        Some(evicted)
                     }
                 }
             };
@@ -375,31 +569,8 @@ async fn connection(
                 info!(client = %old.id, user = %old.user, "client evicted to make room");
                 old.takeover.send_replace(EVICTED);
             }
-            let opts = Options {
-                mode,
-                user: claims.sub.clone(),
-                size,
-                window: agent.cfg.window,
-                keep: agent.cfg.buffer_bytes,
-                tee_dir: agent.cfg.debug_tee_dir.as_deref(),
-            };
-            let spawned = TermClient::spawn(&agent.tmux, opts, agent.metrics.clone());
-            let spawned = {
-                let mut clients = agent.clients.lock().unwrap();
-                clients.opening -= 1;
-                if let Ok(c) = &spawned {
-                    clients.map.insert(c.id, c.clone());
-                }
-                spawned
-            };
-            let client = match spawned {
-                Ok(c) => c,
-                Err(e) => {
-                    warn!(error = %e, "could not attach tmux");
-                    return close(&agent, socket, CloseCode::INTERNAL, None).await;
-                }
-            };
-            (client, Start::New, 0)
+            // Where the output starts is the snapshot's offset, learnt below.
+            (client, Start::Snapshot, 0, size)
         }
         ClientFrame::Resume {
             client_id,
@@ -407,16 +578,13 @@ async fn connection(
             size,
         } => {
             let found = agent.clients.lock().unwrap().map.get(&client_id).cloned();
-            let held = found.as_ref().map(|c| {
-                let st = c.state.lock().unwrap();
-                (c.user.clone(), c.mode, st.ring.start(), st.ring.end())
-            });
+            let (start, end) = agent.control.offsets();
             let decision = resume::decide(
-                held.as_ref().map(|(user, mode, start, end)| resume::Held {
-                    user,
-                    mode: *mode,
-                    start: *start,
-                    end: *end,
+                found.as_ref().map(|c| resume::Held {
+                    user: &c.user,
+                    mode: c.mode,
+                    start,
+                    end,
                 }),
                 &claims.sub,
                 mode,
@@ -430,13 +598,8 @@ async fn connection(
                     return close(&agent, socket, CloseCode::UNKNOWN_CLIENT, None).await;
                 }
             };
-            let _ = client.resize(size).await;
             agent.metrics.resumes.inc();
-            if start == Start::Replay {
-                // The client holds everything before `offset`; the window counts from there.
-                client.set_acked(from);
-            }
-            (client, start, from)
+            (client, start, from, size)
         }
         _ => {
             let why = "the first frame must be OPEN or RESUME".to_owned();
@@ -463,6 +626,16 @@ async fn connection(
         return close(&agent, socket, CloseCode::UNKNOWN_CLIENT, None).await;
     }
     agent.connections.fetch_add(1, Ordering::SeqCst);
+    if mode == Mode::Attach {
+        // The newest attach connection drives the pane's size.
+        agent
+            .drivers
+            .lock()
+            .unwrap()
+            .wanted
+            .push((generation, size));
+        agent.apply_driver_size().await;
+    }
     let gauge = agent
         .metrics
         .clients
@@ -473,9 +646,29 @@ async fn connection(
     gauge.inc();
     info!(?mode, ?start, offset, "client connected");
 
-    let end = drive(&agent, &mut socket, &client, generation, start, offset).await;
+    let mut conn = Conn {
+        agent: &agent,
+        socket: &mut socket,
+        client: &client,
+        generation,
+        sent: offset,
+        acked: offset,
+        floor: offset,
+        told: None,
+        paused: false,
+    };
+    let end = conn.run(start).await;
 
     gauge.dec();
+    if mode == Mode::Attach {
+        agent
+            .drivers
+            .lock()
+            .unwrap()
+            .wanted
+            .retain(|(g, _)| *g != generation);
+        agent.apply_driver_size().await;
+    }
     let still_ours = {
         let mut st = client.state.lock().unwrap();
         let ours = st.connection == generation;
@@ -519,195 +712,312 @@ async fn connection(
     }
 }
 
-/// The connection loop: output out (by offset, within the window), input and control in.
-async fn drive(
-    agent: &Agent,
-    socket: &mut WebSocket,
-    client: &Arc<TermClient>,
+/// One connection reading the session's log.
+struct Conn<'a> {
+    agent: &'a Agent,
+    socket: &'a mut WebSocket,
+    client: &'a Viewer,
     generation: u64,
-    start: Start,
-    offset: u64,
-) -> Result<End, axum::Error> {
-    let welcome = ServerFrame::Welcome {
-        client_id: client.id,
-        mode: client.mode,
-        window: client.window,
-        offset,
-        start,
-    };
-    socket
-        .send(Message::Binary(welcome.encode().into()))
-        .await?;
-    let mut sent = offset;
-    let mut last_ack = offset;
-    if start == Start::Snapshot {
-        match agent.tmux.snapshot(offset).await {
-            Ok(snapshot) => {
-                // The snapshot stands for everything up to `offset`.
-                client.set_acked(offset);
-                agent.metrics.snapshots.inc();
-                socket
-                    .send(Message::Binary(
-                        ServerFrame::Snapshot(snapshot).encode().into(),
-                    ))
-                    .await?;
-                // Output after `offset` is relative to what tmux last drew for this client; a
-                // full redraw makes it consistent with the snapshot again.
-                if let Some(pid) = client.pid()
-                    && let Ok(Some(tty)) = agent.tmux.client_tty(pid).await
-                {
-                    let _ = agent.tmux.refresh_client(&tty).await;
-                }
-            }
-            Err(e) => {
-                warn!(error = %e, "snapshot failed");
-                return Ok(End::Close(
-                    CloseCode::INTERNAL,
-                    Some("snapshot failed".into()),
-                ));
-            }
-        }
-    }
-
-    let mut output = client.output.subscribe();
-    let mut takeover = client.takeover.subscribe();
-    let mut ending = agent.ending.subscribe();
-    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
-    let mut last_seen = Instant::now();
-    loop {
-        let (available, closed) = {
-            let st = client.state.lock().unwrap();
-            (st.ring.end(), st.closed)
-        };
-        if closed && sent >= available && agent.ending.borrow().is_none() {
-            return Ok(End::Close(
-                CloseCode::INTERNAL,
-                Some("tmux client exited".into()),
-            ));
-        }
-        tokio::select! {
-            biased;
-            _ = takeover.changed() => {
-                let now = *takeover.borrow();
-                if now == EVICTED {
-                    let why = "an interactive client needed this slot".to_owned();
-                    return Ok(End::Close(CloseCode::TOO_MANY_CLIENTS, Some(why)));
-                }
-                if now != generation {
-                    return Ok(End::Close(CloseCode::TAKEN_OVER, None));
-                }
-            }
-            _ = ending.changed() => {
-                let e = *ending.borrow();
-                match e {
-                    Some(Ending::Exit(code)) => {
-                        send_output(socket, client, &mut sent, usize::MAX).await?;
-                        let exit = ServerFrame::Exit { code, reason: format!("the shell exited with status {code}") };
-                        socket.send(Message::Binary(exit.encode().into())).await?;
-                        return Ok(End::Close(CloseCode::NORMAL, None));
-                    }
-                    Some(Ending::Drain) => return Ok(End::Close(CloseCode::GOING_AWAY, None)),
-                    None => {}
-                }
-            }
-            msg = socket.recv() => {
-                last_seen = Instant::now();
-                let msg = match msg {
-                    None => return Ok(End::Gone),
-                    Some(Err(e)) => {
-                        let code = recv_error_code(&e);
-                        if code == CloseCode::FRAME_TOO_LARGE {
-                            return Ok(End::Close(code, None));
-                        }
-                        return Ok(End::Gone);
-                    }
-                    Some(Ok(m)) => m,
-                };
-                let bytes = match msg {
-                    Message::Binary(b) => b,
-                    Message::Close(Some(f)) if f.code == CloseCode::NORMAL.0 => return Ok(End::Left),
-                    Message::Close(_) => return Ok(End::Gone),
-                    Message::Ping(_) | Message::Pong(_) => continue,
-                    Message::Text(_) => return Ok(End::Close(CloseCode::BAD_FRAME, Some("text messages are not part of tether.v1".into()))),
-                };
-                let frame = match ClientFrame::decode(&bytes) {
-                    Ok(f) => f,
-                    Err(e) => return Ok(End::Close(CloseCode::for_decode_error(&e), Some(e.to_string()))),
-                };
-                match frame {
-                    ClientFrame::Input(data) => {
-                        if client.mode == Mode::Observe {
-                            return Ok(End::Close(CloseCode::READ_ONLY, None));
-                        }
-                        agent.metrics.bytes_in.inc_by(data.len() as u64);
-                        if client.write_input(&data).await.is_err() {
-                            return Ok(End::Close(CloseCode::INTERNAL, Some("tmux client exited".into())));
-                        }
-                    }
-                    ClientFrame::Resize(size) => {
-                        if client.mode == Mode::Observe {
-                            return Ok(End::Close(CloseCode::READ_ONLY, None));
-                        }
-                        if client.resize(size).await.is_err() {
-                            return Ok(End::Close(CloseCode::INTERNAL, Some("resize failed".into())));
-                        }
-                    }
-                    ClientFrame::Ack(o) => {
-                        if o > sent || o < last_ack {
-                            let why = format!("ack {o} outside {last_ack}..={sent}");
-                            return Ok(End::Close(CloseCode::BAD_OFFSET, Some(why)));
-                        }
-                        last_ack = o;
-                        client.set_acked(o);
-                    }
-                    ClientFrame::Ping(n) => {
-                        socket.send(Message::Binary(ServerFrame::Pong(n).encode().into())).await?;
-                    }
-                    ClientFrame::Open { .. } | ClientFrame::Resume { .. } => {
-                        return Ok(End::Close(CloseCode::BAD_FRAME, Some("OPEN and RESUME are only valid as the first frame".into())));
-                    }
-                }
-            }
-            _ = std::future::ready(()), if sent < available => {
-                send_output(socket, client, &mut sent, SEND_BATCH).await?;
-            }
-            r = output.changed(), if sent >= available => {
-                if r.is_err() {
-                    return Ok(End::Close(CloseCode::INTERNAL, None));
-                }
-            }
-            _ = ping.tick() => {
-                if last_seen.elapsed() > KEEPALIVE_TIMEOUT {
-                    return Ok(End::Close(CloseCode::KEEPALIVE_TIMEOUT, None));
-                }
-                socket.send(Message::Ping(Default::default())).await?;
-            }
-        }
-    }
+    /// The offset of the next byte to send.
+    sent: u64,
+    /// Everything before this the client acknowledged (or a snapshot replaced).
+    acked: u64,
+    /// Acknowledgements before this offset are stale: a snapshot replaced those bytes.
+    floor: u64,
+    /// The size this connection last told its client.
+    told: Option<Size>,
+    /// The window is full (counted once per pause in the metrics).
+    paused: bool,
 }
 
-/// Sends output from `sent` on, at most about `max` bytes.
-async fn send_output(
-    socket: &mut WebSocket,
-    client: &TermClient,
-    sent: &mut u64,
-    max: usize,
-) -> Result<(), axum::Error> {
-    let pieces = client.state.lock().unwrap().ring.read_from(*sent, max);
-    if pieces.is_empty() {
-        return Ok(());
+impl Conn<'_> {
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), axum::Error> {
+        self.socket
+            .send(Message::Binary(frame.encode().into()))
+            .await
     }
-    for (offset, data) in pieces {
-        debug_assert_eq!(offset, *sent, "output must be contiguous");
-        for (i, chunk) in data.chunks(READ_CHUNK).enumerate() {
-            let at = offset + (i * READ_CHUNK) as u64;
-            socket
-                .feed(Message::Binary(encode_output(at, chunk).into()))
+
+    /// Sends a snapshot of the pane now; output continues after it.
+    async fn send_snapshot(&mut self, snap: &Encoded) -> Result<(), axum::Error> {
+        for chunk in SnapshotFrame::chunks(snap.offset, snap.size, snap.truncated, &snap.data) {
+            self.socket
+                .feed(Message::Binary(
+                    ServerFrame::Snapshot(chunk).encode().into(),
+                ))
                 .await?;
         }
-        *sent = offset + data.len() as u64;
+        self.socket.flush().await?;
+        self.agent.metrics.snapshots.inc();
+        self.sent = snap.offset;
+        self.acked = snap.offset;
+        self.floor = snap.offset;
+        self.told = Some(snap.size);
+        Ok(())
     }
-    socket.flush().await
+
+    /// Borrows only the agent (a `&self` future would need the socket to be `Sync`).
+    async fn snapshot(&mut self) -> Option<Arc<Encoded>> {
+        let agent = self.agent;
+        match agent.snapshot().await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                warn!(error = %e, "snapshot failed");
+                None
+            }
+        }
+    }
+
+    async fn run(&mut self, start: Start) -> Result<End, axum::Error> {
+        let agent = self.agent;
+        let client = self.client;
+        let snapshot_failed = || {
+            Ok(End::Close(
+                CloseCode::INTERNAL,
+                Some("snapshot failed".into()),
+            ))
+        };
+        // A snapshot is taken before the WELCOME, so the WELCOME's offset is the snapshot's.
+        let first = match start {
+            Start::Snapshot => match self.snapshot().await {
+                Some(s) => Some(s),
+                None => return snapshot_failed(),
+            },
+            Start::Replay => None,
+        };
+        let offset = first.as_ref().map_or(self.sent, |s| s.offset);
+        let welcome = ServerFrame::Welcome {
+            client_id: client.id,
+            mode: client.mode,
+            window: agent.cfg.window,
+            offset,
+            start,
+        };
+        self.send(&welcome).await?;
+        match first {
+            Some(snap) => self.send_snapshot(&snap).await?,
+            None => {
+                let size = agent.size.borrow().size;
+                self.send(&ServerFrame::Size(size)).await?;
+                self.told = Some(size);
+            }
+        }
+
+        let mut output = agent.control.end();
+        let mut sizes = agent.size.subscribe();
+        let mut takeover = client.takeover.subscribe();
+        let mut ending = agent.ending.subscribe();
+        let mut ping =
+            tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
+        let mut last_seen = Instant::now();
+        let window = u64::from(agent.cfg.window);
+        let catch_up = agent.cfg.catch_up_bytes as u64;
+        loop {
+            let end = *output.borrow_and_update();
+            let pane = *sizes.borrow_and_update();
+            // A size change is told in stream order: once the output before it was sent.
+            if self.told != Some(pane.size) && self.sent >= pane.from {
+                self.send(&ServerFrame::Size(pane.size)).await?;
+                self.told = Some(pane.size);
+            }
+            let behind = end.saturating_sub(self.acked);
+            let in_flight = self.sent - self.acked;
+            let can_send = self.sent < end && in_flight < window;
+            if self.sent < end && !can_send && !self.paused {
+                self.paused = true;
+                agent.metrics.flow_pauses.inc();
+            }
+            tokio::select! {
+                biased;
+                _ = takeover.changed() => {
+                    let now = *takeover.borrow();
+                    if now == EVICTED {
+                        let why = "an interactive client needed this slot".to_owned();
+                        return Ok(End::Close(CloseCode::TOO_MANY_CLIENTS, Some(why)));
+                    }
+                    if now != self.generation {
+                        return Ok(End::Close(CloseCode::TAKEN_OVER, None));
+                    }
+                }
+                _ = ending.changed() => {
+                    let e = *ending.borrow();
+                    match e {
+                        Some(Ending::Exit(code)) => {
+                            self.flush_all().await?;
+                            let exit = ServerFrame::Exit { code, reason: format!("the shell exited with status {code}") };
+                            self.send(&exit).await?;
+                            return Ok(End::Close(CloseCode::NORMAL, None));
+                        }
+                        Some(Ending::Drain) => return Ok(End::Close(CloseCode::GOING_AWAY, None)),
+                        None => {}
+                    }
+                }
+                msg = self.socket.recv() => {
+                    last_seen = Instant::now();
+                    let msg = match msg {
+                        None => return Ok(End::Gone),
+                        Some(Err(e)) => {
+                            let code = recv_error_code(&e);
+                            if code == CloseCode::FRAME_TOO_LARGE {
+                                return Ok(End::Close(code, None));
+                            }
+                            return Ok(End::Gone);
+                        }
+                        Some(Ok(m)) => m,
+                    };
+                    if let Some(end) = self.on_message(msg).await? {
+                        return Ok(end);
+                    }
+                }
+                // Far behind while reading (it acknowledged output since its last snapshot), or
+                // behind what the log still holds: skip to the pane as it is now.
+                _ = std::future::ready(()), if (behind > catch_up && self.acked > self.floor)
+                    || self.sent < agent.control.offsets().0 => {
+                    let Some(snap) = self.snapshot().await else { return snapshot_failed() };
+                    debug!(from = self.sent, to = snap.offset, "skipped forward to a snapshot");
+                    agent.metrics.catch_ups.inc();
+                    self.send_snapshot(&snap).await?;
+                }
+                _ = std::future::ready(()), if can_send => {
+                    let limit = if self.told != Some(pane.size) && pane.from > self.sent {
+                        pane.from - self.sent
+                    } else {
+                        u64::MAX
+                    };
+                    let max = (window - in_flight).min(SEND_BATCH as u64).min(limit) as usize;
+                    self.send_output(max).await?;
+                }
+                r = output.changed(), if self.sent >= end => {
+                    if r.is_err() {
+                        return Ok(End::Close(CloseCode::INTERNAL, Some("tmux control client ended".into())));
+                    }
+                }
+                _ = sizes.changed() => {}
+                _ = ping.tick() => {
+                    if last_seen.elapsed() > KEEPALIVE_TIMEOUT {
+                        return Ok(End::Close(CloseCode::KEEPALIVE_TIMEOUT, None));
+                    }
+                    self.socket.send(Message::Ping(Default::default())).await?;
+                }
+            }
+        }
+    }
+
+    /// Handles one message from the client; `Some` ends the connection.
+    async fn on_message(&mut self, msg: Message) -> Result<Option<End>, axum::Error> {
+        let agent = self.agent;
+        let bytes = match msg {
+            Message::Binary(b) => b,
+            Message::Close(Some(f)) if f.code == CloseCode::NORMAL.0 => return Ok(Some(End::Left)),
+            Message::Close(_) => return Ok(Some(End::Gone)),
+            Message::Ping(_) | Message::Pong(_) => return Ok(None),
+            Message::Text(_) => {
+                let why = format!("text messages are not part of {SUBPROTOCOL}");
+                return Ok(Some(End::Close(CloseCode::BAD_FRAME, Some(why))));
+            }
+        };
+        let frame = match ClientFrame::decode(&bytes) {
+            Ok(f) => f,
+            Err(e) => {
+                let code = CloseCode::for_decode_error(&e);
+                return Ok(Some(End::Close(code, Some(e.to_string()))));
+            }
+        };
+        match frame {
+            ClientFrame::Input(data) => {
+                if self.client.mode == Mode::Observe {
+                    return Ok(Some(End::Close(CloseCode::READ_ONLY, None)));
+                }
+                agent.metrics.bytes_in.inc_by(data.len() as u64);
+                if let Err(e) = agent.control.type_bytes(&data).await {
+                    warn!(error = %e, "input not delivered");
+                    let why = "tmux did not take the input".to_owned();
+                    return Ok(Some(End::Close(CloseCode::INTERNAL, Some(why))));
+                }
+            }
+            ClientFrame::Resize(size) => {
+                if self.client.mode == Mode::Observe {
+                    return Ok(Some(End::Close(CloseCode::READ_ONLY, None)));
+                }
+                let changed = {
+                    let mut drivers = agent.drivers.lock().unwrap();
+                    match drivers
+                        .wanted
+                        .iter_mut()
+                        .find(|(g, _)| *g == self.generation)
+                    {
+                        Some(entry) if entry.1 != size => {
+                            entry.1 = size;
+                            true
+                        }
+                        _ => false,
+                    }
+                };
+                if changed {
+                    agent.apply_driver_size().await;
+                }
+            }
+            ClientFrame::Ack(o) => {
+                if o > self.sent {
+                    let why = format!("ack {o} beyond what was sent ({})", self.sent);
+                    return Ok(Some(End::Close(CloseCode::BAD_OFFSET, Some(why))));
+                }
+                if o < self.floor {
+                    // In flight when a snapshot replaced those bytes: stale, not wrong.
+                    return Ok(None);
+                }
+                if o < self.acked {
+                    let why = format!("ack {o} goes back (already {})", self.acked);
+                    return Ok(Some(End::Close(CloseCode::BAD_OFFSET, Some(why))));
+                }
+                self.acked = o;
+                self.paused = false;
+            }
+            ClientFrame::Ping(n) => {
+                self.send(&ServerFrame::Pong(n)).await?;
+            }
+            ClientFrame::Open { .. } | ClientFrame::Resume { .. } => {
+                let why = "OPEN and RESUME are only valid as the first frame".to_owned();
+                return Ok(Some(End::Close(CloseCode::BAD_FRAME, Some(why))));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Sends output from `sent` on, at most about `max` bytes.
+    async fn send_output(&mut self, max: usize) -> Result<(), axum::Error> {
+        let data = match self.agent.control.read(self.sent, max) {
+            Read::Bytes(data, _) => data,
+            // Gone is handled by the caller's skip; nothing new or a made-up offset: nothing.
+            Read::UpToDate | Read::Gone { .. } | Read::Ahead { .. } => return Ok(()),
+        };
+        for chunk in data.chunks(MAX_OUTPUT_CHUNK) {
+            self.socket
+                .feed(Message::Binary(encode_output(self.sent, chunk).into()))
+                .await?;
+            self.sent += chunk.len() as u64;
+        }
+        self.agent.metrics.bytes_out.inc_by(data.len() as u64);
+        self.socket.flush().await
+    }
+
+    /// At the end of the session: everything up to the log's end, skipping forward to a
+    /// snapshot if the bytes are gone.
+    async fn flush_all(&mut self) -> Result<(), axum::Error> {
+        loop {
+            let (start, end) = self.agent.control.offsets();
+            if self.sent >= end {
+                return Ok(());
+            }
+            if self.sent < start {
+                match self.snapshot().await {
+                    Some(snap) => self.send_snapshot(&snap).await?,
+                    None => return Ok(()),
+                }
+                continue;
+            }
+            self.send_output(SEND_BATCH).await?;
+        }
+    }
 }
 
 fn recv_error_code(e: &axum::Error) -> CloseCode {

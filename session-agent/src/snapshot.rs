@@ -156,12 +156,32 @@ impl Snapshot {
         })
     }
 
+    /// Drops the oldest history lines until [`Snapshot::to_ansi`] is at most `max` bytes; says
+    /// whether any were dropped. The screen itself is always kept.
+    pub fn fit(&mut self, max: usize) -> bool {
+        let len = self.to_ansi().len();
+        if len <= max {
+            return false;
+        }
+        let mut excess = len - max;
+        let mut drop = 0;
+        // Each history line costs its bytes plus the reset and line break after it.
+        while excess > 0 && drop < self.history.len() {
+            excess = excess.saturating_sub(self.history[drop].len() + 6);
+            drop += 1;
+        }
+        self.history.drain(..drop);
+        true
+    }
+
     /// Bytes that, written to a fresh terminal of the snapshot's size, reproduce it: the
     /// history scrolls into the terminal's scrollback, the screen fills the rows, then the
     /// alternate screen (if shown), the scroll region, the cursor and the modes.
     pub fn to_ansi(&self) -> Vec<u8> {
         let mut out = Vec::new();
-        out.extend_from_slice(b"\x1b[0m\x1b[H\x1b[2J");
+        // A full reset first: a client that writes the bytes to a terminal that held something
+        // (its own emulator, or a real one) starts from a blank screen with default modes.
+        out.extend_from_slice(b"\x1bc\x1b[0m\x1b[H\x1b[2J");
         for line in &self.history {
             out.extend_from_slice(line);
             out.extend_from_slice(b"\x1b[0m\r\n");

@@ -1,5 +1,5 @@
-//! The tmux server behind a session: started on a socket private to the agent, queried for the
-//! shell's state, captured for snapshots, killed at the end.
+//! The tmux server behind a session: started on a socket private to the agent, killed at the
+//! end. While it runs, the agent talks to it only through its control client.
 //!
 //! Options are chosen so tmux is invisible to a browser user (see `TMUX_CONF`): no status bar,
 //! no prefix key (Ctrl-B reaches the shell), no mouse capture (the browser selects text), no
@@ -8,8 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
-use tether_protocol::{Size, SnapshotFrame};
+use tether_protocol::Size;
 use tokio::process::Command;
 
 use crate::{Error, Result};
@@ -164,80 +163,6 @@ impl Tmux {
         self.run(c).await
     }
 
-    pub async fn pane_state(&self) -> Result<PaneState> {
-        // Fields can be empty (no signal, or no status yet): split on a separator, not on
-        // whitespace, so they keep their positions.
-        let out = self
-            .cmd(&[
-                "display-message",
-                "-p",
-                "-t",
-                SESSION,
-                "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}:#{window_activity}:#{pane_pid}",
-            ])
-            .await?;
-        let line = out.trim();
-        let mut state = parse_pane_state(line);
-        if state.exited.is_none() && line.starts_with("1:") {
-            // Seen under some parents: tmux marks the pane dead but never reaps the shell, so
-            // it never learns the status. The zombie still carries it in /proc.
-            let pid = line.rsplit(':').next().and_then(|p| p.parse::<u32>().ok());
-            state.exited = pid.and_then(zombie_exit_status);
-        }
-        Ok(state)
-    }
-
-    /// The tty of the tmux client process `pid`, for `refresh-client -t`.
-    pub async fn client_tty(&self, pid: u32) -> Result<Option<String>> {
-        let out = self
-            .cmd(&["list-clients", "-F", "#{client_pid} #{client_tty}"])
-            .await?;
-        Ok(out.lines().find_map(|l| {
-            let (p, tty) = l.split_once(' ')?;
-            (p == pid.to_string()).then(|| tty.to_owned())
-        }))
-    }
-
-    /// Makes tmux redraw a client's whole screen.
-    pub async fn refresh_client(&self, tty: &str) -> Result<()> {
-        self.cmd(&["refresh-client", "-t", tty]).await.map(drop)
-    }
-
-    /// The visible screen of the session's pane: text with colours, cursor, alternate screen.
-    pub async fn snapshot(&self, offset: u64) -> Result<SnapshotFrame> {
-        let info = self
-            .cmd(&[
-                "display-message",
-                "-p",
-                "-t",
-                SESSION,
-                "#{pane_width} #{pane_height} #{cursor_x} #{cursor_y} #{alternate_on} #{cursor_flag}",
-            ])
-            .await?;
-        let n: Vec<u16> = info
-            .split_whitespace()
-            .filter_map(|s| s.parse().ok())
-            .collect();
-        if n.len() != 6 {
-            return Err(Error::Tmux(format!("unexpected pane info {info:?}")));
-        }
-        let text = self
-            .cmd(&["capture-pane", "-p", "-e", "-t", SESSION])
-            .await?;
-        let screen = text.trim_end_matches('\n').replace('\n', "\r\n");
-        let size = Size::new(n[0].clamp(1, 1000), n[1].clamp(1, 1000))
-            .map_err(|e| Error::Tmux(e.to_string()))?;
-        Ok(SnapshotFrame {
-            offset,
-            size,
-            cursor_x: n[2],
-            cursor_y: n[3],
-            alternate_screen: n[4] == 1,
-            cursor_visible: n[5] == 1,
-            screen: Bytes::from(screen),
-        })
-    }
-
     /// Starts copying the pane's raw output to a fifo (for the recording).
     pub async fn pipe_pane(&self, fifo: &Path) -> Result<()> {
         let shell_cmd = format!("exec cat > '{}'", fifo.display());
@@ -249,6 +174,24 @@ impl Tmux {
     pub async fn kill_server(&self) {
         let _ = self.cmd(&["kill-server"]).await;
     }
+}
+
+/// What `display-message -p` prints for [`pane_state`]. Fields can be empty (no signal, or no
+/// status yet): they are split on a separator, not on whitespace, so they keep their positions.
+pub const PANE_STATE_FORMAT: &str =
+    "#{pane_dead}:#{pane_dead_status}:#{pane_dead_signal}:#{window_activity}:#{pane_pid}";
+
+/// The shell's state from a line of [`PANE_STATE_FORMAT`].
+pub fn pane_state(line: &str) -> PaneState {
+    let line = line.trim();
+    let mut state = parse_pane_state(line);
+    if state.exited.is_none() && line.starts_with("1:") {
+        // Seen under some parents: tmux marks the pane dead but never reaps the shell, so it
+        // never learns the status. The zombie still carries it in /proc.
+        let pid = line.rsplit(':').next().and_then(|p| p.parse::<u32>().ok());
+        state.exited = pid.and_then(zombie_exit_status);
+    }
+    state
 }
 
 fn parse_pane_state(line: &str) -> PaneState {

@@ -100,7 +100,8 @@ async fn health_readiness_and_metrics_are_served() {
     assert_eq!(agent.http_get("/healthz").await.0, 200);
     assert_eq!(agent.http_get("/readyz").await.0, 200);
     let mut t = agent.open(Mode::Attach, Size::default()).await;
-    read_until(&mut t, "$ ").await;
+    t.send_input(b"echo metric-$((1+1))\r").await.unwrap();
+    read_until(&mut t, "metric-2").await;
     let (status, body) = agent.http_get("/metrics").await;
     assert_eq!(status, 200);
     for name in [
@@ -109,8 +110,10 @@ async fn health_readiness_and_metrics_are_served() {
         "tether_agent_resumes_total",
         "tether_agent_snapshots_total",
         "tether_agent_flow_pauses_total",
+        "tether_agent_catch_ups_total",
     ] {
         assert!(body.contains(name), "{name} missing from {body}");
     }
     assert!(agent.metric("tether_agent_output_bytes_total").await > 0.0);
+    assert_eq!(agent.metric("tether_agent_snapshots_total").await, 1.0);
 }

@@ -112,7 +112,7 @@ pub fn relayed_agent_close(code: u16, reason: String) -> (u16, String) {
     } else if !known {
         (
             CloseCode::INTERNAL.0,
-            format!("the session agent sent close code {code}, which tether.v1 does not define"),
+            format!("the session agent sent close code {code}, which tether.v2 does not define"),
         )
     } else if reason.is_empty() {
         (code, CloseCode(code).reason().to_owned())
@@ -126,50 +126,86 @@ pub fn relayed_agent_close(code: u16, reason: String) -> (u16, String) {
 pub enum AgentState {
     /// Nothing yet: the first frame must be `WELCOME`.
     Welcome,
-    /// `WELCOME start=2` came: a `SNAPSHOT` must follow.
-    Snapshot,
-    /// `OUTPUT`, `PONG` and `EXIT` only.
-    Streaming,
+    /// A `SNAPSHOT` chunk at offset `at` must come next: right after `WELCOME start=2`, or
+    /// while a snapshot has more chunks (`bytes` of it so far).
+    Snapshot { at: u64, bytes: usize },
+    /// Anything but `WELCOME`; the next `OUTPUT` must start at `next`.
+    Streaming { next: u64 },
 }
 
-/// Checks one message from the agent against tether.v1: an agent-side frame the strict decoder
-/// accepts (so within the protocol's sizes), in the order the protocol allows. A `SNAPSHOT`
-/// (the only frame that may be large) is accepted only right after `WELCOME start=2`, so a
-/// connection holds at most one large message.
+/// Checks one message from the agent against tether.v2: an agent-side frame the strict decoder
+/// accepts (so within the protocol's sizes), in the order the protocol allows, with contiguous
+/// output offsets. A snapshot's chunks must come together, carry the offset announced and stay
+/// within [`tether_protocol::MAX_SNAPSHOT_TOTAL`]; a snapshot in the stream may only move the
+/// offset forward.
 pub fn check_agent_frame(bytes: &[u8], state: &mut AgentState) -> Result<(), String> {
-    // A SNAPSHOT's screen is opaque bytes: check its fixed fields and its length, without the
-    // copy of up to 8 MiB that decoding the whole frame would make.
+    // A SNAPSHOT's payload is opaque bytes: check its fixed fields and its length, without the
+    // copy that decoding the whole frame would make.
+    const HEADER: usize = 14;
     let snapshot = tether_protocol::frame::server_type::SNAPSHOT;
-    let frame = if bytes.first() == Some(&snapshot) && bytes.len() >= 18 {
-        if bytes.len() - 18 > tether_protocol::MAX_SNAPSHOT {
+    let frame = if bytes.first() == Some(&snapshot) && bytes.len() >= HEADER {
+        if bytes.len() - HEADER > tether_protocol::MAX_SNAPSHOT {
             return Err(format!(
-                "a bad frame: a SNAPSHOT of {} bytes, over the protocol's limit",
+                "a bad frame: a SNAPSHOT chunk of {} bytes, over the protocol's limit",
                 bytes.len()
             ));
         }
-        ServerFrame::decode(&bytes[..18])
+        ServerFrame::decode(&bytes[..HEADER])
     } else {
         ServerFrame::decode(bytes)
     }
     .map_err(|e| format!("a bad frame: {e}"))?;
-    *state = match (*state, &frame) {
-        (AgentState::Welcome, ServerFrame::Welcome { start, .. }) => {
-            if *start == Start::Snapshot {
-                AgentState::Snapshot
-            } else {
-                AgentState::Streaming
-            }
+    let chunk = |at: u64, sofar: usize, s: &tether_protocol::SnapshotFrame| {
+        if s.offset != at {
+            return Err(format!(
+                "a SNAPSHOT chunk at offset {}, expected {at}",
+                s.offset
+            ));
         }
+        let total = sofar + (bytes.len() - HEADER);
+        if total > tether_protocol::MAX_SNAPSHOT_TOTAL {
+            return Err(format!("a snapshot of more than {total} bytes"));
+        }
+        Ok(if s.more {
+            AgentState::Snapshot { at, bytes: total }
+        } else {
+            AgentState::Streaming { next: at }
+        })
+    };
+    *state = match (*state, &frame) {
+        (AgentState::Welcome, ServerFrame::Welcome { start, offset, .. }) => match start {
+            Start::Snapshot => AgentState::Snapshot {
+                at: *offset,
+                bytes: 0,
+            },
+            Start::Replay => AgentState::Streaming { next: *offset },
+        },
         (AgentState::Welcome, _) => return Err("a frame before WELCOME".into()),
-        (AgentState::Snapshot, ServerFrame::Snapshot(_)) => AgentState::Streaming,
-        (AgentState::Snapshot, _) => return Err("no SNAPSHOT after WELCOME start=2".into()),
-        (AgentState::Streaming, ServerFrame::Welcome { .. }) => {
+        (AgentState::Snapshot { at, bytes }, ServerFrame::Snapshot(s)) => chunk(at, bytes, s)?,
+        (AgentState::Snapshot { .. }, _) => {
+            return Err("a frame where a SNAPSHOT chunk was due".into());
+        }
+        (AgentState::Streaming { .. }, ServerFrame::Welcome { .. }) => {
             return Err("a second WELCOME".into());
         }
-        (AgentState::Streaming, ServerFrame::Snapshot(_)) => {
-            return Err("a SNAPSHOT that no WELCOME announced".into());
+        (AgentState::Streaming { next }, ServerFrame::Snapshot(s)) => {
+            if s.offset < next {
+                return Err(format!(
+                    "a SNAPSHOT at offset {} behind the output sent ({next})",
+                    s.offset
+                ));
+            }
+            chunk(s.offset, 0, s)?
         }
-        (AgentState::Streaming, _) => AgentState::Streaming,
+        (AgentState::Streaming { next }, ServerFrame::Output { offset, data }) => {
+            if *offset != next {
+                return Err(format!("OUTPUT at offset {offset}, expected {next}"));
+            }
+            AgentState::Streaming {
+                next: next + data.len() as u64,
+            }
+        }
+        (AgentState::Streaming { next }, _) => AgentState::Streaming { next },
     };
     Ok(())
 }
@@ -438,7 +474,7 @@ where
                             Err(false) => end!(EndedBy::Agent, CloseCode::INTERNAL.0, agent_lost()),
                         }
                     }
-                    Some(Ok(Message::Text(_))) => end!(EndedBy::GatewayProtocol, CloseCode::BAD_FRAME.0, "text messages are not part of tether.v1".into()),
+                    Some(Ok(Message::Text(_))) => end!(EndedBy::GatewayProtocol, CloseCode::BAD_FRAME.0, "text messages are not part of tether.v2".into()),
                     Some(Ok(Message::Close(f))) => {
                         let (code, reason) = f.map(|f| (u16::from(f.code), f.reason.to_string())).unwrap_or((1005, String::new()));
                         leave_agent!(if code == 1000 { 1000 } else { 1001 });
@@ -452,7 +488,7 @@ where
                 Some(Err(e)) => {
                     let e: BoxError = e.into();
                     let why = if is_too_large(&*e) {
-                        "the session agent sent a message over tether.v1's size limits".to_owned()
+                        "the session agent sent a message over tether.v2's size limits".to_owned()
                     } else {
                         agent_lost()
                     };
@@ -461,7 +497,7 @@ where
                 }
                 Some(Ok(Message::Binary(b))) => {
                     if let Err(why) = check_agent_frame(&b, &mut agent_state) {
-                        tracing::warn!(bytes = b.len(), %why, "the session agent broke tether.v1; closing");
+                        tracing::warn!(bytes = b.len(), %why, "the session agent broke tether.v2; closing");
                         end!(EndedBy::GatewayProtocol, CloseCode::INTERNAL.0, format!("the session agent sent {why}"));
                     }
                     out.bytes_to_client += b.len() as u64;
@@ -578,50 +614,92 @@ mod tests {
     }
 
     #[test]
-    fn agent_frames_are_checked_for_type_and_order() {
-        let welcome = |start| {
+    fn agent_frames_are_checked_for_type_order_and_offsets() {
+        use tether_protocol::frame::SnapshotFrame;
+        let welcome = |start, offset| {
             ServerFrame::Welcome {
                 client_id: tether_protocol::ClientId::random(),
                 mode: Mode::Attach,
                 window: 1024,
-                offset: 0,
+                offset,
                 start,
             }
             .encode()
         };
-        let output = ServerFrame::Output {
-            offset: 0,
-            data: bytes::Bytes::from_static(b"x"),
-        }
-        .encode();
-        let snapshot = ServerFrame::Snapshot(tether_protocol::frame::SnapshotFrame {
-            offset: 0,
-            size: Size::default(),
-            cursor_x: 0,
-            cursor_y: 0,
-            alternate_screen: false,
-            cursor_visible: true,
-            screen: bytes::Bytes::from_static(b"$ "),
-        })
-        .encode();
+        let output = |offset| {
+            ServerFrame::Output {
+                offset,
+                data: bytes::Bytes::from_static(b"x"),
+            }
+            .encode()
+        };
+        let snapshot = |offset, more| {
+            ServerFrame::Snapshot(SnapshotFrame {
+                offset,
+                size: Size::default(),
+                more,
+                truncated: false,
+                data: bytes::Bytes::from_static(b"$ "),
+            })
+            .encode()
+        };
+        let size = ServerFrame::Size(Size::default()).encode();
         let mut st = AgentState::Welcome;
-        assert!(check_agent_frame(&output, &mut st).is_err(), "OUTPUT first");
-        let mut st = AgentState::Welcome;
-        check_agent_frame(&welcome(Start::New), &mut st).unwrap();
-        check_agent_frame(&output, &mut st).unwrap();
         assert!(
-            check_agent_frame(&snapshot, &mut st).is_err(),
-            "unannounced"
+            check_agent_frame(&output(0), &mut st).is_err(),
+            "OUTPUT first"
+        );
+
+        // A replay streams from the WELCOME's offset, contiguously.
+        let mut st = AgentState::Welcome;
+        check_agent_frame(&welcome(Start::Replay, 7), &mut st).unwrap();
+        check_agent_frame(&size, &mut st).unwrap();
+        assert!(
+            check_agent_frame(&output(6), &mut st).is_err(),
+            "a gap back"
+        );
+        let mut st = AgentState::Streaming { next: 7 };
+        check_agent_frame(&output(7), &mut st).unwrap();
+        assert!(
+            check_agent_frame(&output(9), &mut st).is_err(),
+            "a gap ahead"
+        );
+        // A catch-up snapshot moves forward only.
+        let mut st = AgentState::Streaming { next: 8 };
+        assert!(check_agent_frame(&snapshot(5, false), &mut st).is_err());
+        let mut st = AgentState::Streaming { next: 8 };
+        check_agent_frame(&snapshot(100, false), &mut st).unwrap();
+        check_agent_frame(&output(100), &mut st).unwrap();
+
+        // A new client's snapshot comes first, at the WELCOME's offset, its chunks together.
+        let mut st = AgentState::Welcome;
+        check_agent_frame(&welcome(Start::Snapshot, 3), &mut st).unwrap();
+        assert!(
+            check_agent_frame(&output(3), &mut st).is_err(),
+            "SNAPSHOT due"
         );
         let mut st = AgentState::Welcome;
-        check_agent_frame(&welcome(Start::Snapshot), &mut st).unwrap();
-        assert!(check_agent_frame(&output, &mut st).is_err(), "SNAPSHOT due");
+        check_agent_frame(&welcome(Start::Snapshot, 3), &mut st).unwrap();
+        assert!(
+            check_agent_frame(&snapshot(4, false), &mut st).is_err(),
+            "offset"
+        );
         let mut st = AgentState::Welcome;
-        check_agent_frame(&welcome(Start::Snapshot), &mut st).unwrap();
-        check_agent_frame(&snapshot, &mut st).unwrap();
-        check_agent_frame(&output, &mut st).unwrap();
-        assert!(check_agent_frame(&welcome(Start::New), &mut st).is_err());
+        check_agent_frame(&welcome(Start::Snapshot, 3), &mut st).unwrap();
+        check_agent_frame(&snapshot(3, true), &mut st).unwrap();
+        assert!(check_agent_frame(&size, &mut st).is_err(), "between chunks");
+        let mut st = AgentState::Snapshot { at: 3, bytes: 2 };
+        check_agent_frame(&snapshot(3, false), &mut st).unwrap();
+        check_agent_frame(&output(3), &mut st).unwrap();
+        assert!(check_agent_frame(&welcome(Start::Replay, 0), &mut st).is_err());
+        // Too much snapshot in all.
+        let mut st = AgentState::Snapshot {
+            at: 3,
+            bytes: tether_protocol::MAX_SNAPSHOT_TOTAL,
+        };
+        assert!(check_agent_frame(&snapshot(3, false), &mut st).is_err());
         // A client frame, and an OUTPUT over 65536 bytes of payload.
+        let mut st = AgentState::Streaming { next: 0 };
         assert!(check_agent_frame(&open(), &mut st).is_err());
         let mut big = vec![tether_protocol::frame::server_type::OUTPUT; 9];
         big.resize(9 + 65537, b'x');

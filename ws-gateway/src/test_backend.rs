@@ -1,5 +1,6 @@
 //! A small agent-protocol backend for the gateway's own tests and benchmarks: it verifies attach
-//! tickets like the real agent, answers `OPEN`/`RESUME` with `WELCOME`, echoes `INPUT` back as
+//! tickets like the real agent, answers `OPEN` with `WELCOME` and an empty snapshot and
+//! `RESUME` with a replay from the offset asked for, echoes `INPUT` back as
 //! `OUTPUT` with correct offsets, reports resizes as output and refuses observers' input. There
 //! is no pty and no tmux here; the real agent lives in `session-agent/`.
 
@@ -91,14 +92,36 @@ pub async fn serve(listener: TcpListener, verifier: Arc<Verifier>, stats: Arc<Ba
                         let _ = ws.send(close(code, code.reason())).await;
                         break;
                     }
-                    Ok(ClientFrame::Open { .. }) | Ok(ClientFrame::Resume { .. }) if !opened => {
+                    Ok(ClientFrame::Open { size }) if !opened => {
+                        // As the agent: a new client's output starts with a snapshot (empty here).
                         opened = true;
-                        ServerFrame::Welcome {
+                        let welcome = ServerFrame::Welcome {
                             client_id: ClientId::random(),
                             mode,
                             window: 1 << 20,
                             offset: 0,
-                            start: Start::New,
+                            start: Start::Snapshot,
+                        };
+                        if ws.send(Message::binary(welcome.encode())).await.is_err() {
+                            break;
+                        }
+                        ServerFrame::Snapshot(tether_protocol::SnapshotFrame {
+                            offset: 0,
+                            size,
+                            more: false,
+                            truncated: false,
+                            data: bytes::Bytes::new(),
+                        })
+                    }
+                    Ok(ClientFrame::Resume { offset: from, .. }) if !opened => {
+                        opened = true;
+                        offset = from;
+                        ServerFrame::Welcome {
+                            client_id: ClientId::random(),
+                            mode,
+                            window: 1 << 20,
+                            offset,
+                            start: Start::Replay,
                         }
                     }
                     Ok(ClientFrame::Input(_)) | Ok(ClientFrame::Resize(_))

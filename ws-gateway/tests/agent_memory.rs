@@ -1,5 +1,5 @@
-//! Memory the gateway holds per connection while a malicious agent sends 8 MiB messages to a
-//! client that does not read, measured with a counting allocator around the in-process gateway
+//! Memory the gateway holds per connection while a malicious agent sends the largest messages
+//! the protocol allows (1 MiB snapshot chunks) without end to a client that does not read, measured with a counting allocator around the in-process gateway
 //! (this file's only test, so nothing else allocates meanwhile).
 // The counting allocator is the one `unsafe` here: it forwards to the system allocator.
 #![allow(unsafe_code)]
@@ -57,22 +57,20 @@ static ALLOC: Counting = Counting;
 
 const MIB: usize = 1 << 20;
 
-/// An agent that answers `OPEN` with `WELCOME start=2` and an 8 MiB `SNAPSHOT` (the largest the
-/// protocol allows), then sends 8 MiB messages as fast as it can.
+/// An agent that answers `OPEN` with `WELCOME start=2` and a `SNAPSHOT` chunk of the largest size
+/// the protocol allows, then sends such snapshots (each a valid catch-up) as fast as it can.
 async fn flooding_agent() -> std::net::SocketAddr {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let mut snapshot = ServerFrame::Snapshot(tether_protocol::frame::SnapshotFrame {
         offset: 0,
         size: Size::default(),
-        cursor_x: 0,
-        cursor_y: 0,
-        alternate_screen: false,
-        cursor_visible: true,
-        screen: Default::default(),
+        more: false,
+        truncated: false,
+        data: Default::default(),
     })
     .encode();
-    snapshot.resize(18 + MAX_SNAPSHOT, b'x');
+    snapshot.resize(14 + MAX_SNAPSHOT, b'x');
     // One WebSocket message, written raw from one shared buffer: the agent holds no copy per
     // connection, so what this process allocates per connection is the gateway's.
     let mut head = vec![0x82u8, 127];
@@ -160,11 +158,10 @@ async fn a_flooding_agent_and_a_client_that_does_not_read_hold_bounded_memory() 
         per_connection_peak as f64 / MIB as f64
     );
     let per_connection_held = held.saturating_sub(baseline) / CONNECTIONS;
-    // The bound by design: one message of the protocol's largest (an 8 MiB SNAPSHOT, allowed
-    // once, right after WELCOME start=2) in the client's write buffer, plus the agent socket's
-    // read buffer, which keeps the capacity that message needed; everything else is small. A
-    // second large message closes the connection (4500) instead of being buffered; nothing
-    // grows with how long the agent keeps sending.
+    // The bound by design: one message of the protocol's largest (a 1 MiB SNAPSHOT chunk) in
+    // the client's write buffer, plus the agent socket's read buffer, which keeps the capacity
+    // that message needed; everything else is small. The gateway reads the agent no faster than
+    // the client takes messages, so nothing grows with how long the agent keeps sending.
     let bound = 2 * tether_protocol::MAX_SERVER_FRAME + MIB;
     assert!(
         per_connection_held < bound,

@@ -138,8 +138,8 @@ async fn every_attack_is_refused_while_an_honest_client_keeps_working() {
         .unwrap();
     assert_eq!(
         proto.as_deref(),
-        Some("tether.v1"),
-        "only tether.v1 is selected, never the token"
+        Some("tether.v2"),
+        "only tether.v2 is selected, never the token"
     );
     drop(ws);
 

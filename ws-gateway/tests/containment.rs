@@ -41,7 +41,7 @@ fn welcome() -> Vec<u8> {
         mode: Mode::Attach,
         window: 1 << 20,
         offset: 0,
-        start: Start::New,
+        start: Start::Replay,
     }
     .encode()
 }

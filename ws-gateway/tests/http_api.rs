@@ -115,11 +115,11 @@ async fn login_sets_a_strict_http_only_cookie_that_whoami_and_sessions_accept() 
     )
     .unwrap();
     req.headers_mut()
-        .insert("sec-websocket-protocol", "tether.v1".parse().unwrap());
+        .insert("sec-websocket-protocol", "tether.v2".parse().unwrap());
     req.headers_mut().insert("origin", ORIGIN.parse().unwrap());
     req.headers_mut().insert("cookie", cookie.parse().unwrap());
     let (_ws, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
-    assert_eq!(resp.headers()["sec-websocket-protocol"], "tether.v1");
+    assert_eq!(resp.headers()["sec-websocket-protocol"], "tether.v2");
 
     let (status, head, body) = gw
         .http(
@@ -294,7 +294,7 @@ async fn an_upgrade_with_a_wrong_websocket_version_is_refused() {
             "GET /ws/{NS}/{SESSION} HTTP/1.1\r\nHost: x\r\nOrigin: {ORIGIN}\r\n\
              Connection: Upgrade\r\nUpgrade: websocket\r\n\
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n\
-             Sec-WebSocket-Protocol: tether.v1, {}\r\n\r\n",
+             Sec-WebSocket-Protocol: tether.v2, {}\r\n\r\n",
             tether_gateway::server::bearer_protocol(ALICE)
         );
         s.write_all(req.as_bytes()).await.unwrap();
@@ -316,8 +316,8 @@ async fn an_upgrade_with_a_wrong_websocket_version_is_refused() {
     assert!(
         accepted
             .to_ascii_lowercase()
-            .contains("sec-websocket-protocol: tether.v1\r\n"),
-        "only tether.v1 is selected, the token is not echoed: {accepted}"
+            .contains("sec-websocket-protocol: tether.v2\r\n"),
+        "only tether.v2 is selected, the token is not echoed: {accepted}"
     );
 }
 

@@ -137,7 +137,7 @@ async fn ws_with_cookie(gw: &TestGateway, cookie: &str) -> Ws {
         .into_client_request()
         .unwrap();
     let h = req.headers_mut();
-    h.insert("sec-websocket-protocol", "tether.v1".parse().unwrap());
+    h.insert("sec-websocket-protocol", "tether.v2".parse().unwrap());
     h.insert("origin", ORIGIN.parse().unwrap());
     h.insert("cookie", cookie.parse().unwrap());
     let (mut ws, _) = tokio_tungstenite::connect_async(req)
@@ -176,7 +176,7 @@ async fn signing_out_ends_the_browsers_terminals_and_the_copied_cookie() {
         .into_client_request()
         .unwrap();
     req.headers_mut()
-        .insert("sec-websocket-protocol", "tether.v1".parse().unwrap());
+        .insert("sec-websocket-protocol", "tether.v2".parse().unwrap());
     req.headers_mut().insert("origin", ORIGIN.parse().unwrap());
     req.headers_mut().insert("cookie", copied.parse().unwrap());
     match tokio_tungstenite::connect_async(req).await {

@@ -33,6 +33,12 @@ pub struct TestAgent {
     shutdown: Option<oneshot::Sender<()>>,
 }
 
+/// The tmux the agent runs (`TETHER_TMUX`, as for the agent itself): the tests' own tmux commands
+/// must be the same version as the server.
+pub fn tmux_program() -> String {
+    std::env::var("TETHER_TMUX").unwrap_or_else(|_| "/usr/bin/tmux".into())
+}
+
 /// A bash with a predictable prompt and no rc files.
 pub fn shell() -> Vec<String> {
     [
@@ -105,7 +111,7 @@ impl TestAgent {
 
     /// Runs tmux on the agent's private socket (for comparisons like `capture-pane`).
     pub fn tmux(&self, args: &[&str]) -> String {
-        let out = std::process::Command::new("tmux")
+        let out = std::process::Command::new(tmux_program())
             .arg("-S")
             .arg(self.tmux_socket())
             .args(args)
@@ -216,7 +222,7 @@ impl Drop for TestAgent {
             t.abort();
         }
         // The tmux server outlives an aborted agent: kill it.
-        let _ = std::process::Command::new("tmux")
+        let _ = std::process::Command::new(tmux_program())
             .arg("-S")
             .arg(self.tmux_socket())
             .arg("kill-server")
@@ -231,8 +237,8 @@ pub async fn read_until(t: &mut Term, needle: &str) -> String {
         loop {
             match t.next_event().await.unwrap() {
                 Event::Output { data, .. } => seen.push_str(&String::from_utf8_lossy(&data)),
-                Event::Snapshot(s) => seen.push_str(&String::from_utf8_lossy(&s.screen)),
-                Event::Pong(_) => {}
+                Event::Snapshot(s) => seen.push_str(&String::from_utf8_lossy(&s.data)),
+                Event::Pong(_) | Event::Size(_) => {}
                 other => panic!("unexpected {other:?} while waiting for {needle:?}"),
             }
             if seen.contains(needle) {
@@ -323,7 +329,7 @@ pub async fn read_until_quiet(t: &mut Term, quiet: Duration) -> Vec<u8> {
         while let Ok(ev) = tokio::time::timeout(quiet, t.next_event()).await {
             match ev.unwrap() {
                 Event::Output { data, .. } => seen.extend_from_slice(&data),
-                Event::Snapshot(s) => seen.extend_from_slice(&s.to_ansi()),
+                Event::Snapshot(s) => seen.extend_from_slice(&s.data),
                 _ => {}
             }
         }

@@ -202,7 +202,7 @@ pub(crate) async fn websocket(
     // Tracked from now, so a drain waits for connections still finishing their upgrade.
     let tracked = gw.tasks.token();
     // Small read buffers: an idle terminal is the common case, and tungstenite's default
-    // 128 KiB per socket would dominate the gateway's memory per connection. `tether.v1` is
+    // 128 KiB per socket would dominate the gateway's memory per connection. `tether.v2` is
     // the only protocol selected: a bearer subprotocol is never echoed.
     let upgrade = upgrade
         .protocols([SUBPROTOCOL])

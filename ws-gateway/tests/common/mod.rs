@@ -482,7 +482,10 @@ pub async fn still_serving(t: &mut TerminalClient<Ws>, marker: &str) {
                         return;
                     }
                 }
-                tether_protocol::client::Event::Pong(_) => {}
+                // A new client's first frame is the (test backend's empty) snapshot.
+                tether_protocol::client::Event::Pong(_)
+                | tether_protocol::client::Event::Size(_)
+                | tether_protocol::client::Event::Snapshot(_) => {}
                 other => panic!("honest client lost its session: {other:?}"),
             }
         }
@@ -491,7 +494,7 @@ pub async fn still_serving(t: &mut TerminalClient<Ws>, marker: &str) {
     assert!(got.is_ok(), "honest client got no echo of {marker}");
 }
 
-/// Accepts `stream` as a session agent would: the WebSocket upgrade with `tether.v1` selected.
+/// Accepts `stream` as a session agent would: the WebSocket upgrade with `tether.v2` selected.
 /// `None` when the peer did not complete the upgrade. For fake agents in tests.
 #[allow(dead_code)]
 pub async fn accept_as_agent(stream: TcpStream) -> Option<WebSocketStream<TcpStream>> {

@@ -23,7 +23,7 @@ import {
   encodeResize,
   encodeResume,
   hex,
-  snapshotToAnsi,
+  MAX_SNAPSHOT_TOTAL,
 } from './protocol';
 
 /**
@@ -36,10 +36,16 @@ export type ConnState = 'connecting' | 'live' | 'reconnecting' | 'read-only' | '
 export interface Screen {
   /** Writes bytes; `rendered` runs once the terminal has parsed and applied them. */
   write(data: Uint8Array, rendered: () => void): void;
-  /** Clears everything before a new client starts from offset 0. */
+  /** Clears the screen and its scrollback: a snapshot follows. */
   reset(): void;
+  /**
+   * The pane's size: the terminal renders at exactly this size (the driver's), letterboxed or
+   * scrolled in a window of another size.
+   */
+  setSize(size: Size): void;
   /** A line of information from the page itself (not from the shell), clearly marked. */
   notice(text: string): void;
+  /** The size this window could show: what an interactive client asks the pane to be. */
   size(): Size;
 }
 
@@ -109,6 +115,11 @@ export class Connection {
   private lastSize: Size | null = null;
   /** Where the output stood before a snapshot replaced it (for the notice). */
   private skippedFrom = 0n;
+  /** Chunks of a snapshot whose last chunk has not come yet. */
+  private partial: Snapshot[] = [];
+  private partialBytes = 0;
+  /** Something is on the screen that a snapshot would replace (for the notice). */
+  private shown = false;
   private captured: Uint8Array[] = [];
   private capturedLen = 0;
   state: ConnState = 'connecting';
@@ -294,6 +305,10 @@ export class Connection {
       this.onWelcome(ws, f);
       return;
     }
+    if (this.partial.length > 0 && f.type !== 'snapshot') {
+      this.fail(ws, `${f.type} between the chunks of a snapshot`);
+      return;
+    }
     switch (f.type) {
       case 'welcome':
         this.fail(ws, 'second WELCOME');
@@ -312,11 +327,36 @@ export class Connection {
         }
         // Copy: the frame's buffer is a view into the message, the terminal may queue the write.
         const epoch = this.epoch;
+        this.shown = true;
         this.opts.screen.write(f.data.slice(), () => this.onRendered(epoch, end));
         return;
       }
-      case 'snapshot':
-        this.applySnapshot(f);
+      case 'snapshot': {
+        const first = this.partial[0];
+        if (first && (first.offset !== f.offset || first.size.cols !== f.size.cols || first.size.rows !== f.size.rows)) {
+          this.fail(ws, `a snapshot chunk at ${f.offset} inside a snapshot at ${first.offset}`);
+          return;
+        }
+        if (!first && f.offset < this.received) {
+          this.fail(ws, `a snapshot at ${f.offset}, behind the output received (${this.received})`);
+          return;
+        }
+        this.partialBytes += f.data.length;
+        if (this.partialBytes > MAX_SNAPSHOT_TOTAL) {
+          this.fail(ws, `a snapshot of more than ${MAX_SNAPSHOT_TOTAL} bytes`);
+          return;
+        }
+        // Copy: the frame's buffer is a view into the message.
+        this.partial.push({ ...f, data: f.data.slice() });
+        if (f.more) return;
+        const chunks = this.partial;
+        this.partial = [];
+        this.partialBytes = 0;
+        this.applySnapshot(chunks);
+        return;
+      }
+      case 'size':
+        this.opts.screen.setSize(f.size);
         return;
       case 'exit':
         this.sawExit = { code: f.code, reason: f.reason };
@@ -340,11 +380,11 @@ export class Connection {
       this.fail(ws, `replay from ${w.offset}, asked for ${resumedFrom}`);
       return;
     }
-    if (w.start === 'new') {
-      if (resumedFrom !== null || this.received !== 0n) {
-        // A new client starts at its own offset 0: the old screen is gone.
-        this.opts.screen.reset();
-      }
+    this.partial = [];
+    this.partialBytes = 0;
+    if (w.start === 'snapshot') {
+      // The snapshot that follows replaces everything: late render callbacks of what it
+      // replaces must not acknowledge anything.
       this.epoch++;
       this.rendered = w.offset;
     }
@@ -365,17 +405,29 @@ export class Connection {
     this.scheduleAck();
   }
 
-  private applySnapshot(s: Snapshot): void {
+  /** A whole snapshot (its chunks in order): the screen and its scrollback start over. */
+  private applySnapshot(chunks: Snapshot[]): void {
+    const s = chunks[0];
     this.stats.snapshots++;
-    this.opts.screen.notice(
-      `Output from offset ${this.skippedFrom} to ${s.offset} was no longer held by the server and was skipped: ` +
-        `the screen was redrawn from a snapshot (${s.size.cols}x${s.size.rows}); history before it is incomplete.`,
-    );
+    // Mid-stream (a catch-up) the output stopped at `received`; after a WELCOME, where the
+    // connection before it stopped.
+    const from = this.received > this.skippedFrom ? this.received : this.skippedFrom;
+    if (this.shown) {
+      const gap = s.offset > from ? ` (output ${from}–${s.offset} was skipped)` : '';
+      this.opts.screen.notice(
+        `The terminal was redrawn from the server's snapshot${gap}: scrollback now holds the session's history as tmux kept it` +
+          `${s.truncated ? ' (its oldest lines were cut)' : ''}, not what this page had shown.`,
+      );
+    }
+    this.skippedFrom = s.offset;
     this.received = s.offset;
     if (this.acked < s.offset) this.acked = s.offset;
+    this.opts.screen.reset();
+    this.opts.screen.setSize(s.size);
     const epoch = this.epoch;
     const off = s.offset;
-    this.opts.screen.write(snapshotToAnsi(s), () => this.onRendered(epoch, off));
+    chunks.forEach((c, i) => this.opts.screen.write(c.data, i === chunks.length - 1 ? () => this.onRendered(epoch, off) : () => {}));
+    this.shown = true;
   }
 
   private onRendered(epoch: number, end: bigint): void {

@@ -67,6 +67,11 @@ interface Hook {
   stream(): string;
   offset(): string | null;
   stats(): Record<string, unknown> | null;
+  /** The rows the viewport shows now (scrolled or not). */
+  viewport(): string[];
+  /** The terminal's selection (what the search addon found, or what the user selected). */
+  selection(): string;
+  scrollToBottom(): void;
   /** The last 40 connection states, with the time since load: what a failed test prints. */
   history: string[];
 }
@@ -81,6 +86,9 @@ const hook: Hook = {
   stream: () => '',
   offset: () => null,
   stats: () => null,
+  viewport: () => [],
+  selection: () => '',
+  scrollToBottom: () => {},
   history: [],
 };
 (window as unknown as { __tether: Hook }).__tether = hook;
@@ -413,8 +421,12 @@ function terminalView(namespace: string, name: string, mode: Mode, renderer: str
     screen: {
       write: (data, rendered) => term.write(data, rendered),
       reset: () => term.reset(),
+      // The pane's size is the driver's: render exactly at it (the host scrolls or letterboxes).
+      setSize: ({ cols, rows }) => {
+        if (cols !== term.cols || rows !== term.rows) term.resize(cols, rows);
+      },
       notice: (text) => notice(text),
-      size: () => ({ cols: term.cols, rows: term.rows }),
+      size: () => windowSize(),
     },
     events: {
       state: (state, detail) => {
@@ -456,15 +468,20 @@ function terminalView(namespace: string, name: string, mode: Mode, renderer: str
 
   term.onData((d) => conn.input(d));
   term.onBinary((d) => conn.inputBinary(d));
-  term.onResize(({ cols, rows }) => conn.resize({ cols, rows }));
+  // What this window could show; an interactive client asks the pane for it (a RESIZE), and the
+  // terminal follows the pane's size when the agent reports it.
+  function windowSize(): { cols: number; rows: number } {
+    const d = fit.proposeDimensions();
+    return d && d.cols > 0 && d.rows > 0 ? { cols: d.cols, rows: d.rows } : { cols: term.cols, rows: term.rows };
+  }
 
-  // Refit when the window or the layout changes, debounced so a drag sends one RESIZE.
+  // When the window or the layout changes (debounced, so a drag sends one RESIZE), ask for it.
   let fitTimer: number | undefined;
   const ro = new ResizeObserver(() => {
     window.clearTimeout(fitTimer);
     fitTimer = window.setTimeout(() => {
       try {
-        fit.fit();
+        conn.resize(windowSize());
       } catch {
         /* not visible */
       }
@@ -500,6 +517,14 @@ function terminalView(namespace: string, name: string, mode: Mode, renderer: str
   $('reconnect').addEventListener('click', () => void route());
 
   hook.transcript = () => transcript(term);
+  hook.viewport = () => {
+    const buf = term.buffer.active;
+    const rows: string[] = [];
+    for (let i = buf.viewportY; i < buf.viewportY + term.rows; i++) rows.push(buf.getLine(i)?.translateToString(true) ?? '');
+    return rows;
+  };
+  hook.selection = () => term.getSelection();
+  hook.scrollToBottom = () => term.scrollToBottom();
   hook.stream = () => conn.capturedText();
   hook.offset = () => conn.offset.toString();
   hook.stats = () => ({
@@ -528,6 +553,9 @@ function terminalView(namespace: string, name: string, mode: Mode, renderer: str
     window.clearTimeout(fitTimer);
     term.dispose();
     hook.transcript = () => '';
+    hook.viewport = () => [];
+    hook.selection = () => '';
+    hook.scrollToBottom = () => {};
     hook.stream = () => '';
     hook.offset = () => null;
     hook.stats = () => null;

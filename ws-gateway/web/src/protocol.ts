@@ -1,28 +1,33 @@
-// The tether.v1 wire protocol, byte for byte as protocol/src/frame.rs and docs/protocol.md define
+// The tether.v2 wire protocol, byte for byte as protocol/src/frame.rs and docs/protocol.md define
 // it. Every WebSocket binary message is one frame: a type byte, a fixed big-endian header and,
 // for some types, a payload to the end of the message. Client frames are 0x01..=0x7f, agent
 // frames 0x81..=0xff. The decoder is strict: anything malformed is an error, never a guess.
 
-export const SUBPROTOCOL = 'tether.v1';
+export const SUBPROTOCOL = 'tether.v2';
 
 /** Largest frame a client may send (type byte included). */
 export const MAX_CLIENT_FRAME = 64 * 1024;
 /** Largest INPUT payload. */
 export const MAX_INPUT = MAX_CLIENT_FRAME - 1;
 export const MAX_OUTPUT_CHUNK = 64 * 1024;
-export const MAX_SNAPSHOT = 8 * 1024 * 1024;
+/** Largest payload of one SNAPSHOT chunk. */
+export const MAX_SNAPSHOT = 1024 * 1024;
+/** Largest whole snapshot, all its chunks. */
+export const MAX_SNAPSHOT_TOTAL = 32 * 1024 * 1024;
 export const MAX_EXIT_REASON = 1024;
 export const MAX_DIMENSION = 1000;
 
 export const C = { OPEN: 0x01, RESUME: 0x02, INPUT: 0x03, RESIZE: 0x04, ACK: 0x05, PING: 0x06 } as const;
-export const S = { WELCOME: 0x81, OUTPUT: 0x82, SNAPSHOT: 0x83, EXIT: 0x84, PONG: 0x85 } as const;
+export const S = { WELCOME: 0x81, OUTPUT: 0x82, SNAPSHOT: 0x83, EXIT: 0x84, PONG: 0x85, SIZE: 0x86 } as const;
 
-export const SNAPSHOT_FLAG_ALTERNATE = 0x01;
-export const SNAPSHOT_FLAG_CURSOR_VISIBLE = 0x02;
+/** Another chunk of this snapshot follows. */
+export const SNAPSHOT_FLAG_MORE = 0x01;
+/** The agent kept only the newest history lines. */
+export const SNAPSHOT_FLAG_TRUNCATED = 0x02;
 
 export type Mode = 'attach' | 'observe';
-/** How a connection's output starts (WELCOME `start`). */
-export type Start = 'new' | 'replay' | 'snapshot';
+/** How a connection's output starts (WELCOME `start`): 1 replay, 2 snapshot (0 is not valid). */
+export type Start = 'replay' | 'snapshot';
 
 export interface Size {
   cols: number;
@@ -42,15 +47,22 @@ export interface Output {
   offset: bigint;
   data: Uint8Array;
 }
+/**
+ * One chunk of a snapshot: written, chunk after chunk, to a terminal reset to `size`, the bytes
+ * reproduce the pane (history, screen, cursor, modes) as of output offset `offset`.
+ */
 export interface Snapshot {
   type: 'snapshot';
   offset: bigint;
   size: Size;
-  cursorX: number;
-  cursorY: number;
-  alternateScreen: boolean;
-  cursorVisible: boolean;
-  screen: Uint8Array;
+  more: boolean;
+  truncated: boolean;
+  data: Uint8Array;
+}
+/** The pane's size from here on in the stream. */
+export interface SizeFrame {
+  type: 'size';
+  size: Size;
 }
 export interface Exit {
   type: 'exit';
@@ -61,7 +73,7 @@ export interface Pong {
   type: 'pong';
   nonce: bigint;
 }
-export type ServerFrame = Welcome | Output | Snapshot | Exit | Pong;
+export type ServerFrame = Welcome | Output | Snapshot | Exit | Pong | SizeFrame;
 
 export class DecodeError extends Error {}
 
@@ -162,14 +174,14 @@ export function decodeServerFrame(buf: ArrayBuffer | Uint8Array): ServerFrame {
       const m = b[17];
       if (m > 1) throw new DecodeError(`unknown mode ${m}`);
       const st = b[30];
-      if (st > 2) throw new DecodeError(`unknown start kind ${st}`);
+      if (st !== 1 && st !== 2) throw new DecodeError(`unknown start kind ${st}`);
       return {
         type: 'welcome',
         clientId: b.slice(1, 17),
         mode: m === 0 ? 'attach' : 'observe',
         window: v.getUint32(18),
         offset: v.getBigUint64(22),
-        start: (['new', 'replay', 'snapshot'] as const)[st],
+        start: st === 1 ? 'replay' : 'snapshot',
       };
     }
     case S.OUTPUT: {
@@ -179,21 +191,19 @@ export function decodeServerFrame(buf: ArrayBuffer | Uint8Array): ServerFrame {
       return { type: 'output', offset: v.getBigUint64(1), data: b.subarray(9) };
     }
     case S.SNAPSHOT: {
-      need(b, null, 18);
-      if (b.length - 18 > MAX_SNAPSHOT) throw new DecodeError(`SNAPSHOT of ${b.length} bytes too large`);
-      const flags = b[17];
-      if (flags & ~(SNAPSHOT_FLAG_ALTERNATE | SNAPSHOT_FLAG_CURSOR_VISIBLE)) {
+      need(b, null, 14);
+      if (b.length - 14 > MAX_SNAPSHOT) throw new DecodeError(`SNAPSHOT chunk of ${b.length} bytes too large`);
+      const flags = b[13];
+      if (flags & ~(SNAPSHOT_FLAG_MORE | SNAPSHOT_FLAG_TRUNCATED)) {
         throw new DecodeError(`unknown snapshot flags 0x${flags.toString(16)}`);
       }
       return {
         type: 'snapshot',
         offset: v.getBigUint64(1),
         size: checkedSize(v.getUint16(9), v.getUint16(11)),
-        cursorX: v.getUint16(13),
-        cursorY: v.getUint16(15),
-        alternateScreen: (flags & SNAPSHOT_FLAG_ALTERNATE) !== 0,
-        cursorVisible: (flags & SNAPSHOT_FLAG_CURSOR_VISIBLE) !== 0,
-        screen: b.subarray(18),
+        more: (flags & SNAPSHOT_FLAG_MORE) !== 0,
+        truncated: (flags & SNAPSHOT_FLAG_TRUNCATED) !== 0,
+        data: b.subarray(14),
       };
     }
     case S.EXIT: {
@@ -210,47 +220,12 @@ export function decodeServerFrame(buf: ArrayBuffer | Uint8Array): ServerFrame {
     case S.PONG:
       need(b, 9, 9);
       return { type: 'pong', nonce: v.getBigUint64(1) };
+    case S.SIZE:
+      need(b, 5, 5);
+      return { type: 'size', size: checkedSize(v.getUint16(1), v.getUint16(3)) };
     default:
       throw new DecodeError(`unknown frame type 0x${b[0].toString(16).padStart(2, '0')}`);
   }
-}
-
-const enc = new TextEncoder();
-
-/**
- * Bytes that, written to a terminal emulator, reproduce a snapshot — the same sequence as
- * `SnapshotFrame::to_ansi` in protocol/src/frame.rs: reset, alternate screen if needed, each
- * row at its place, then the cursor and its visibility.
- */
-export function snapshotToAnsi(s: Snapshot): Uint8Array {
-  const parts: Uint8Array[] = [enc.encode('\x1bc')];
-  if (s.alternateScreen) parts.push(enc.encode('\x1b[?1049h'));
-  parts.push(enc.encode('\x1b[H\x1b[2J'));
-  let row = 0;
-  let start = 0;
-  const screen = s.screen;
-  for (let i = 0; i <= screen.length; i++) {
-    if (i === screen.length || screen[i] === 0x0a) {
-      if (row >= s.size.rows) break;
-      let end = i;
-      if (end > start && screen[end - 1] === 0x0d) end--;
-      parts.push(enc.encode(`\x1b[${row + 1};1H`));
-      parts.push(screen.subarray(start, end));
-      parts.push(enc.encode('\x1b[0m'));
-      row++;
-      start = i + 1;
-    }
-  }
-  parts.push(enc.encode(`\x1b[${s.cursorY + 1};${s.cursorX + 1}H`));
-  parts.push(enc.encode(s.cursorVisible ? '\x1b[?25h' : '\x1b[?25l'));
-  const total = parts.reduce((n, p) => n + p.length, 0);
-  const out = new Uint8Array(total);
-  let o = 0;
-  for (const p of parts) {
-    out.set(p, o);
-    o += p.length;
-  }
-  return out;
 }
 
 /** What the close codes of the protocol (protocol/src/close.rs) mean, in words a user reads. */

@@ -40,6 +40,7 @@ import { join } from 'node:path';
 import { execSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { createInterface } from 'node:readline';
+import { setTimeout as sleep } from 'node:timers/promises';
 
 const env = process.env;
 const BASE = (env.TETHER_URL ?? '').replace(/\/$/, '');
@@ -249,6 +250,43 @@ try {
     if (leaked) throw new Error('observer keystrokes reached the shell');
     if (state !== 'read-only') throw new Error(`observer state is ${state}, not read-only`);
     log(`${since()} observer saw the output, its keystrokes did not reach the shell`);
+  }
+
+  // --- scrollback: the program's own lines, scrolled with the wheel and searched --------------
+  {
+    const seqDone = `seq-done-${marker}`;
+    await typeLine(page, `seq -f 'row-%03g' 1 300; echo ${seqDone}`);
+    await waitFor(page, seqDone, (m) => window.__tether.transcript().split('\n').some((l) => l.trim() === m), seqDone);
+    const box = await page.locator('#terminal').boundingBox();
+    await page.mouse.move(box.x + box.width / 2, box.y + box.height / 2);
+    // The wheel with Alt held (xterm.js's fast scroll, 5x): each turn waits for the page to
+    // render, which a software GPU makes slow, so fewer turns keep the test short.
+    let top = null;
+    const wheelStart = Date.now();
+    let turns = 0;
+    await page.keyboard.down('Alt');
+    for (; turns < 150 && top === null; turns++) {
+      await page.mouse.wheel(0, -400);
+      const rows = await hook(page, () => window.__tether.viewport());
+      const at = rows.findIndex((r) => r.trim() === 'row-001');
+      if (at >= 0) top = at;
+    }
+    await page.keyboard.up('Alt');
+    log(`${since()} ${turns} wheel turns in ${Date.now() - wheelStart} ms`);
+    if (top === null) throw new Error(`the mouse wheel did not scroll back to row-001; the viewport shows ${JSON.stringify(await hook(page, () => window.__tether.viewport()))}`);
+    log(`${since()} the wheel scrolled back to row-001 (viewport row ${top})`);
+    // Back to the bottom, then find a line that scrolled off the screen with the search box.
+    await hook(page, () => window.__tether.scrollToBottom());
+    await page.click('#terminal');
+    await page.keyboard.press('Control+Shift+F');
+    await page.locator('#search-input').waitFor({ state: 'visible', timeout: STEP });
+    await page.fill('#search-input', 'row-007');
+    await page.locator('#search-input').press('Enter');
+    await waitFor(page, 'the search to select row-007', () => window.__tether.selection() === 'row-007');
+    const shown = await hook(page, () => window.__tether.viewport());
+    if (!shown.some((r) => r.includes('row-007'))) throw new Error(`search selected row-007 but the viewport shows ${JSON.stringify(shown)}`);
+    await page.locator('#search-input').press('Escape');
+    log(`${since()} the search addon found row-007, which had scrolled off the screen`);
   }
 
   // --- resume across a gateway restart --------------------------------------------------------

@@ -43,7 +43,7 @@ class FakeSocket {
   // Driven by the test:
   open() {
     this.readyState = 1;
-    this.protocol = 'tether.v1';
+    this.protocol = 'tether.v2';
     this.onopen?.();
   }
   frame(bytes) {
@@ -65,8 +65,27 @@ function welcome(offset, start) {
   w[17] = 0; // attach
   new DataView(w.buffer).setUint32(18, 1 << 20);
   new DataView(w.buffer).setBigUint64(22, BigInt(offset));
-  w[30] = { new: 0, replay: 1, snapshot: 2 }[start];
+  w[30] = { replay: 1, snapshot: 2 }[start];
   return w;
+}
+function snapshot(offset, text, { more = false, cols = 80, rows = 24 } = {}) {
+  const d = new TextEncoder().encode(text);
+  const b = new Uint8Array(14 + d.length);
+  b[0] = 0x83;
+  const v = new DataView(b.buffer);
+  v.setBigUint64(1, BigInt(offset));
+  v.setUint16(9, cols);
+  v.setUint16(11, rows);
+  b[13] = more ? 1 : 0;
+  b.set(d, 14);
+  return b;
+}
+function size(cols, rows) {
+  const b = new Uint8Array(5);
+  b[0] = 0x86;
+  new DataView(b.buffer).setUint16(1, cols);
+  new DataView(b.buffer).setUint16(3, rows);
+  return b;
 }
 function output(offset, text) {
   const d = new TextEncoder().encode(text);
@@ -81,6 +100,8 @@ function harness(diagnose, extra = {}) {
   FakeSocket.all = [];
   const written = [];
   const states = [];
+  const sizes = [];
+  const notices = [];
   const conn = new Connection({
     url: 'ws://gateway.test/ws/ns/name?mode=attach',
     mode: 'attach',
@@ -92,13 +113,14 @@ function harness(diagnose, extra = {}) {
         rendered();
       },
       reset: () => written.push('<reset>'),
-      notice: () => {},
+      setSize: (s) => sizes.push(`${s.cols}x${s.rows}`),
+      notice: (n) => notices.push(n),
       size: () => ({ cols: 80, rows: 24 }),
     },
     events: { state: (s, d) => states.push([s, d]) },
     ...extra,
   });
-  return { conn, written, states, sockets: FakeSocket.all };
+  return { conn, written, states, sizes, notices, sockets: FakeSocket.all };
 }
 
 test('4440: signed-out, nothing retried; resume() RESUMEs the same client at the same offset', async () => {
@@ -107,7 +129,8 @@ test('4440: signed-out, nothing retried; resume() RESUMEs the same client at the
   const ws1 = sockets[0];
   ws1.open();
   assert.equal(ws1.sent[0][0], p.C.OPEN);
-  ws1.frame(welcome(0, 'new'));
+  ws1.frame(welcome(0, 'snapshot'));
+  ws1.frame(snapshot(0, ''));
   ws1.frame(output(0, 'hello '));
   ws1.frame(output(6, 'world'));
   assert.equal(conn.state, 'live');
@@ -120,7 +143,7 @@ test('4440: signed-out, nothing retried; resume() RESUMEs the same client at the
   assert.equal(sockets.length, 1, 'no reconnect while signed out');
   assert.equal(conn.client, p.hex(ID), 'client id kept');
   assert.equal(conn.offset, 11n, 'offset kept');
-  assert.ok(!written.includes('<reset>'), 'screen kept');
+  assert.equal(written.filter((w) => w === '<reset>').length, 1, 'screen kept (reset only by the first snapshot)');
 
   conn.resume();
   assert.equal(conn.state, 'reconnecting');
@@ -131,7 +154,7 @@ test('4440: signed-out, nothing retried; resume() RESUMEs the same client at the
   ws2.frame(welcome(11, 'replay'));
   ws2.frame(output(11, '!'));
   assert.equal(conn.state, 'live');
-  assert.equal(written.join(''), 'hello world!', 'nothing lost, nothing repeated');
+  assert.equal(written.join(''), '<reset>hello world!', 'nothing lost, nothing repeated');
   assert.equal(conn.stats.resumes, 1);
   assert.equal(conn.stats.reopens, 0);
   assert.ok(states.some(([s]) => s === 'signed-out'));
@@ -144,7 +167,8 @@ test('an upgrade refused for want of a sign-in (1006, diagnosed 401) is handled 
   const { conn, sockets } = harness(async () => ({ signIn: 'you are no longer signed in' }));
   conn.start();
   sockets[0].open();
-  sockets[0].frame(welcome(0, 'new'));
+  sockets[0].frame(welcome(0, 'snapshot'));
+  sockets[0].frame(snapshot(0, ''));
   sockets[0].frame(output(0, 'abc'));
   // The network cut: resumes by itself...
   sockets[0].serverClose(1006, '');
@@ -168,7 +192,8 @@ test('a cut still reconnects by itself; 4411 still ends', async () => {
   const { conn, sockets } = harness();
   conn.start();
   sockets[0].open();
-  sockets[0].frame(welcome(0, 'new'));
+  sockets[0].frame(welcome(0, 'snapshot'));
+  sockets[0].frame(snapshot(0, ''));
   sockets[0].serverClose(4411, 'access revoked: may not attach');
   assert.equal(conn.state, 'ended');
   conn.resume();
@@ -199,4 +224,55 @@ test('a diagnosis that never answers counts as a drop after diagnoseMs', async (
   await sleep(400);
   assert.ok(sockets.length >= 2, `retried (${sockets.length} sockets)`);
   conn.stop();
+});
+
+test('a snapshot in chunks is put together, resets the screen, takes its size, and a catch-up says what was skipped', () => {
+  const { conn, written, sizes, notices, sockets } = harness();
+  conn.start();
+  const ws = sockets[0];
+  ws.open();
+  ws.frame(welcome(5, 'snapshot'));
+  ws.frame(snapshot(5, 'his', { more: true, cols: 100, rows: 30 }));
+  assert.deepEqual(written, [], 'nothing is written before the last chunk');
+  ws.frame(snapshot(5, 'tory', { cols: 100, rows: 30 }));
+  assert.deepEqual(written, ['<reset>', 'his', 'tory']);
+  assert.deepEqual(sizes, ['100x30']);
+  assert.deepEqual(notices, [], 'the first snapshot of a page is no news');
+  ws.frame(output(5, 'abc'));
+  ws.frame(size(90, 20));
+  assert.deepEqual(sizes, ['100x30', '90x20']);
+  // Fell behind: the agent skips it forward.
+  ws.frame(snapshot(500, 'now', { cols: 90, rows: 20 }));
+  assert.equal(conn.offset, 500n);
+  assert.equal(notices.length, 1);
+  assert.match(notices[0], /output 8–500 was skipped/);
+  assert.equal(conn.state, 'live');
+  conn.stop();
+});
+
+test('a frame between the chunks of a snapshot, or a snapshot going back, is a protocol error', () => {
+  for (const bad of [
+    (ws) => {
+      ws.frame(snapshot(0, 'a', { more: true }));
+      ws.frame(output(0, 'x'));
+    },
+    (ws) => {
+      ws.frame(snapshot(0, 'a'));
+      ws.frame(output(0, 'xyz'));
+      ws.frame(snapshot(1, 'b'));
+    },
+    (ws) => {
+      ws.frame(snapshot(0, 'a', { more: true }));
+      ws.frame(snapshot(7, 'b'));
+    },
+  ]) {
+    const { conn, sockets } = harness();
+    conn.start();
+    const ws = sockets[0];
+    ws.open();
+    ws.frame(welcome(0, 'snapshot'));
+    bad(ws);
+    assert.equal(ws.closedWith?.code, 4400);
+    conn.stop();
+  }
 });

@@ -160,7 +160,7 @@ const server = createServer((req, res) => {
   res.end(readFileSync(file));
 });
 
-const wss = new WebSocketServer({ noServer: true, handleProtocols: (p) => (p.has('tether.v1') ? 'tether.v1' : false) });
+const wss = new WebSocketServer({ noServer: true, handleProtocols: (p) => (p.has('tether.v2') ? 'tether.v2' : false) });
 server.on('upgrade', (req, socket, head) => {
   const url = new URL(req.url, 'http://x');
   const m = /^\/ws\/([^/]+)\/([^/]+)$/.exec(url.pathname);
@@ -178,7 +178,7 @@ server.on('upgrade', (req, socket, head) => {
     const entry = { client, cookie: s.value, exp: s.exp };
     conns.add(entry);
     client.on('close', () => conns.delete(entry));
-    const upstream = new WebSocket(`ws://${a.agent}/attach`, 'tether.v1', { headers: { authorization: `Bearer ${ticket(mode)}` } });
+    const upstream = new WebSocket(`ws://${a.agent}/attach`, 'tether.v2', { headers: { authorization: `Bearer ${ticket(mode)}` } });
     const pending = [];
     upstream.on('open', () => pending.splice(0).forEach((m) => upstream.send(m)));
     client.on('message', (m) => (upstream.readyState === WebSocket.OPEN ? upstream.send(m) : pending.push(m)));

@@ -55,16 +55,29 @@ test('server frames decode; malformed ones are errors', () => {
   for (const bad of [bytes(), bytes(0x82, 0, 0, 0, 0, 0, 0, 0, 1), w.subarray(0, 30), bytes(0x85, 0, 0, 0, 0, 0, 0, 0, 7, 0), bytes(0x05, 0, 0, 0, 0, 0, 0, 0, 1), bytes(0x84, 0, 0, 0, 0, 0xff), bytes(0x7f)]) {
     assert.throws(() => p.decodeServerFrame(bad), p.DecodeError);
   }
-  const snap = new Uint8Array(18);
+  const snap = new Uint8Array(14);
   snap[0] = 0x83;
-  snap[17] = 0x04; // unknown flag
+  snap[10] = 80;
+  snap[12] = 24;
+  snap[13] = 0x04; // unknown flag
   assert.throws(() => p.decodeServerFrame(snap), p.DecodeError);
+  w[30] = 0; // v1's "new" is not part of v2
+  assert.throws(() => p.decodeServerFrame(w), p.DecodeError);
 });
 
-test('a snapshot becomes the same ANSI as SnapshotFrame::to_ansi', () => {
-  const s = { type: 'snapshot', offset: 0n, size: { cols: 10, rows: 2 }, cursorX: 2, cursorY: 1, alternateScreen: false, cursorVisible: true, screen: new TextEncoder().encode('ab\r\ncd\r\n') };
-  const a = new TextDecoder().decode(p.snapshotToAnsi(s));
-  assert.equal(a, '\x1bc\x1b[H\x1b[2J\x1b[1;1Hab\x1b[0m\x1b[2;1Hcd\x1b[0m\x1b[2;3H\x1b[?25h');
+test('v2 agent frames: a SNAPSHOT chunk and SIZE', () => {
+  assert.deepEqual(p.decodeServerFrame(bytes(0x83, 0, 0, 0, 0, 0, 0, 0, 2, 0, 80, 0, 24, 3, 0x78)), {
+    type: 'snapshot',
+    offset: 2n,
+    size: { cols: 80, rows: 24 },
+    more: true,
+    truncated: true,
+    data: bytes(0x78),
+  });
+  assert.deepEqual(p.decodeServerFrame(bytes(0x86, 0, 80, 0, 24)), { type: 'size', size: { cols: 80, rows: 24 } });
+  for (const bad of [bytes(0x86, 0, 80, 0), bytes(0x86, 0, 0, 0, 24), bytes(0x83, 0, 0, 0, 0, 0, 0, 0, 2, 0, 80, 0, 24)]) {
+    assert.throws(() => p.decodeServerFrame(bad), p.DecodeError);
+  }
 });
 
 test('close codes: resume, reopen or end', () => {
