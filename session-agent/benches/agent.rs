@@ -1,13 +1,18 @@
 //! Benchmarks, printed as ratios measured in one run (not tests; nothing here asserts speed).
 //!
-//! `cargo bench -p tether-session-agent --bench agent` runs all three:
+//! `cargo bench -p tether-session-agent --bench agent` runs them all:
 //!
-//! 1. output: time until a marker after `head -c 50000000 /dev/zero | base64 -w0` through the
-//!    agent and tmux, divided by the same command's time through a bare pty;
+//! 1. output: 50 MB of random data as base64 through the agent (every byte counted), against
+//!    the same command in a bare pty, in tmux with no client attached (the cost no tmux-based
+//!    design avoids) and in tmux attached in a bare pty;
 //! 2. keystroke echo latency p50/p99 through the agent and through a bare pty;
-//! 3. memory (RSS) of an idle session (agent + tmux server + shell) and per attached client.
+//! 3. connect → first output (the snapshot) p50/p99;
+//! 4. Ctrl-C after `yes`: time until the prompt's marker arrives, and the bytes received after
+//!    the Ctrl-C;
+//! 5. memory (RSS) of an idle session (agent + tmux server + shell) and with 1,000 observers.
 //!
-//! The agent is the release binary, started as its own process on 127.0.0.1.
+//! The agent is the release binary, started as its own process on 127.0.0.1. `TETHER_TMUX`
+//! names the tmux binary for the agent and every baseline (default `/usr/bin/tmux`).
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
@@ -19,10 +24,66 @@ use tether_protocol::{Mode, SUBPROTOCOL, Size};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
-const OUTPUT_CMD: &str = "head -c 50000000 /dev/zero | base64 -w0; echo; echo MARK-$((40+2))";
-const MARKER: &[u8] = b"MARK-42";
+/// 50,000,000 random bytes as base64 on one line: 66,666,668 characters, between two markers.
+const PAYLOAD: &str = "head -c 50000000 /dev/urandom | base64 -w0";
+const BASE64_CHARS: u64 = 66_666_668;
 const ECHO_SAMPLES: usize = 300;
-const CLIENTS: usize = 10;
+const CONNECT_SAMPLES: usize = 50;
+const VIEWERS: usize = 1000;
+
+fn output_cmd() -> String {
+    format!("echo BEGIN-$((1+1)); {PAYLOAD}; echo; echo MARK-$((40+2))")
+}
+const BEGIN: &[u8] = b"BEGIN-2\r\n";
+const MARKER: &[u8] = b"MARK-42";
+
+/// The tmux binary of the agent and the baselines.
+fn tmux_program() -> String {
+    std::env::var("TETHER_TMUX").unwrap_or_else(|_| "/usr/bin/tmux".into())
+}
+
+/// Counts base64 characters between [`BEGIN`] and [`MARKER`] in a stream fed in pieces: what
+/// arrived of the payload.
+#[derive(Default)]
+struct Counter {
+    tail: Vec<u8>,
+    begun: bool,
+    chars: u64,
+}
+
+impl Counter {
+    /// Feeds bytes; true once the end marker was seen.
+    fn feed(&mut self, data: &[u8]) -> bool {
+        let base64 = |b: &u8| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=');
+        let from = self.tail.len();
+        self.tail.extend_from_slice(data);
+        if !self.begun {
+            if let Some(i) = find(&self.tail, BEGIN) {
+                self.begun = true;
+                let after = self.tail[i + BEGIN.len()..].to_vec();
+                self.tail.clear();
+                return self.feed(&after);
+            }
+        } else {
+            self.chars += self.tail[from..].iter().filter(|b| base64(b)).count() as u64;
+            if contains(&self.tail, MARKER) {
+                // The marker's own letters and digits are not payload.
+                self.chars -= 6;
+                return true;
+            }
+        }
+        let keep = self
+            .tail
+            .len()
+            .saturating_sub(BEGIN.len().max(MARKER.len()));
+        self.tail.drain(..keep);
+        false
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
 
 struct Agent {
     child: Child,
@@ -94,6 +155,18 @@ impl Agent {
             tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
         >,
     > {
+        self.open_as(Mode::Attach, size).await
+    }
+
+    async fn open_as(
+        &self,
+        mode: Mode,
+        size: Size,
+    ) -> TerminalClient<
+        tokio_tungstenite::WebSocketStream<
+            tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+        >,
+    > {
         let ticket = self
             .signer
             .mint(&TicketRequest {
@@ -101,7 +174,7 @@ impl Agent {
                 session: "bench/s",
                 session_uid: "u",
                 pod_uid: None,
-                mode: Mode::Attach,
+                mode,
                 ttl_secs: 30,
             })
             .unwrap();
@@ -117,7 +190,7 @@ impl Agent {
     }
 
     fn tmux(&self, args: &[&str]) -> String {
-        let out = Command::new("tmux")
+        let out = Command::new(tmux_program())
             .arg("-S")
             .arg(self.dir.path().join("state/tmux.sock"))
             .args(args)
@@ -200,19 +273,58 @@ impl Bare {
 
 const SHELL: &[&str] = &["bash", "--noprofile", "--norc"];
 
+/// Reads events until the payload's end marker; returns the payload characters that arrived.
+async fn agent_payload<S, E>(t: &mut TerminalClient<S>) -> u64
+where
+    S: futures::Sink<tokio_tungstenite::tungstenite::Message, Error = E>
+        + futures::Stream<Item = Result<tokio_tungstenite::tungstenite::Message, E>>
+        + Unpin,
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut counter = Counter::default();
+    loop {
+        match t.next_event().await.unwrap() {
+            Event::Output { data, .. } => {
+                if counter.feed(&data) {
+                    return counter.chars;
+                }
+            }
+            Event::Snapshot(_) => panic!("the agent skipped output: the bench client fell behind"),
+            _ => {}
+        }
+    }
+}
+
+impl Bare {
+    async fn payload(&mut self) -> u64 {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut counter = Counter::default();
+        loop {
+            let n = self.pty.read(&mut buf).await.unwrap();
+            if counter.feed(&buf[..n]) {
+                return counter.chars;
+            }
+        }
+    }
+}
+
 async fn output_ratio() {
+    let cmd = output_cmd();
     let mut bare = Bare::start(SHELL);
     bare.pty.write_all(b"echo READY-$((1+1))\r").await.unwrap();
     bare.until(b"READY-2").await;
     let t0 = Instant::now();
     bare.pty
-        .write_all(format!("{OUTPUT_CMD}\r").as_bytes())
+        .write_all(format!("{cmd}\r").as_bytes())
         .await
         .unwrap();
-    let bare_bytes = bare.until(MARKER).await;
+    let bare_chars = bare.payload().await;
     let bare_time = t0.elapsed();
 
-    // tmux attached directly in a bare pty, same configuration, no agent: what tmux costs.
+    let tmux = tmux_program();
+    let version = String::from_utf8_lossy(&Command::new(&tmux).arg("-V").output().unwrap().stdout)
+        .trim()
+        .to_owned();
     let tdir = tempfile::tempdir().unwrap();
     let conf = tdir.path().join("tmux.conf");
     std::fs::write(&conf, tether_session_agent::tmux::TMUX_CONF).unwrap();
@@ -221,10 +333,42 @@ async fn output_ratio() {
         sock.to_string_lossy().into_owned(),
         conf.to_string_lossy().into_owned(),
     );
+
+    // tmux alone: the same tmux runs the command in a pane with no client attached. It still
+    // reads and parses every byte into its screen: the floor of any design that keeps tmux.
+    let t0 = Instant::now();
+    let pane = format!("{PAYLOAD} >/dev/tty; {tmux} -S {sock_s} wait-for -S bench-done");
+    let started = Command::new(&tmux)
+        .args(["-u", "-S", &sock_s, "-f", &conf_s])
+        .args([
+            "new-session",
+            "-d",
+            "-x",
+            "80",
+            "-y",
+            "24",
+            "bash",
+            "-c",
+            &pane,
+        ])
+        .status()
+        .unwrap();
+    assert!(started.success());
+    let waited = Command::new(&tmux)
+        .args(["-S", &sock_s, "wait-for", "bench-done"])
+        .status()
+        .unwrap();
+    assert!(waited.success());
+    let alone_time = t0.elapsed();
+    let _ = Command::new(&tmux)
+        .args(["-S", &sock_s, "kill-server"])
+        .output();
+
+    // tmux attached in a bare pty, same configuration, no agent.
     let mut direct = Bare::start(&[
         "env",
         "TERM=xterm-256color",
-        "tmux",
+        &tmux,
         "-u",
         "-S",
         &sock_s,
@@ -244,15 +388,13 @@ async fn output_ratio() {
     let t0 = Instant::now();
     direct
         .pty
-        .write_all(format!("{OUTPUT_CMD}\r").as_bytes())
+        .write_all(format!("{cmd}\r").as_bytes())
         .await
         .unwrap();
-    let direct_bytes = direct.until(MARKER).await;
+    let direct_chars = direct.payload().await;
     let direct_time = t0.elapsed();
-    let _ = Command::new("tmux")
-        .arg("-S")
-        .arg(&sock)
-        .arg("kill-server")
+    let _ = Command::new(&tmux)
+        .args(["-S", &sock_s, "kill-server"])
         .output();
 
     let agent = Agent::start(SHELL);
@@ -260,31 +402,105 @@ async fn output_ratio() {
     t.send_input(b"echo READY-$((1+1))\r").await.unwrap();
     agent_until(&mut t, b"READY-2").await;
     let t0 = Instant::now();
-    t.send_input(format!("{OUTPUT_CMD}\r").as_bytes())
-        .await
-        .unwrap();
-    let agent_bytes = agent_until(&mut t, MARKER).await;
+    t.send_input(format!("{cmd}\r").as_bytes()).await.unwrap();
+    let agent_chars = agent_payload(&mut t).await;
     let agent_time = t0.elapsed();
-    println!("output: `{OUTPUT_CMD}`");
+    let share = |chars: u64| 100.0 * chars as f64 / BASE64_CHARS as f64;
+    println!("output: `{PAYLOAD}` ({BASE64_CHARS} characters), {version}");
     println!(
-        "  bare pty:        {:>8.3}s ({bare_bytes} bytes read)",
-        bare_time.as_secs_f64()
+        "  bare pty:          {:>8.3}s  {:>6.2}% of the characters arrived",
+        bare_time.as_secs_f64(),
+        share(bare_chars)
     );
     println!(
-        "  agent + tmux:    {:>8.3}s ({agent_bytes} bytes received over WebSocket)",
-        agent_time.as_secs_f64()
+        "  tmux alone:        {:>8.3}s  (no client attached: tmux only reads the pane)",
+        alone_time.as_secs_f64()
     );
     println!(
-        "  tmux direct:     {:>8.3}s ({direct_bytes} bytes read; tmux attached in a bare pty, no agent)",
-        direct_time.as_secs_f64()
+        "  tmux attach:       {:>8.3}s  {:>6.2}% arrived (tmux attached in a bare pty: a redraw)",
+        direct_time.as_secs_f64(),
+        share(direct_chars)
     );
     println!(
-        "  ratio agent/bare: {:.3} (goal <= 1.1)",
-        agent_time.as_secs_f64() / bare_time.as_secs_f64()
+        "  agent:             {:>8.3}s  {:>6.2}% arrived over the WebSocket",
+        agent_time.as_secs_f64(),
+        share(agent_chars)
     );
     println!(
-        "  ratio agent/tmux direct: {:.3} (what the agent adds to tmux itself)",
+        "  ratios: agent/tmux alone {:.3} (goal <= 1.15), agent/bare pty {:.3}, agent/tmux attach {:.3}",
+        agent_time.as_secs_f64() / alone_time.as_secs_f64(),
+        agent_time.as_secs_f64() / bare_time.as_secs_f64(),
         agent_time.as_secs_f64() / direct_time.as_secs_f64()
+    );
+    assert_eq!(
+        agent_chars, BASE64_CHARS,
+        "the agent must deliver every byte"
+    );
+}
+
+async fn connect_to_first_output() {
+    let agent = Agent::start(SHELL);
+    let mut samples = Vec::new();
+    for _ in 0..CONNECT_SAMPLES {
+        let t0 = Instant::now();
+        let mut t = agent.open(Size::new(80, 24).unwrap()).await;
+        loop {
+            if let Event::Snapshot(_) | Event::Output { .. } = t.next_event().await.unwrap() {
+                break;
+            }
+        }
+        samples.push(t0.elapsed());
+        t.close().await.unwrap();
+    }
+    println!(
+        "connect -> first output (TCP connect, upgrade, OPEN, WELCOME, snapshot), {CONNECT_SAMPLES} connections:"
+    );
+    println!(
+        "  p50 {:.2} ms  p99 {:.2} ms  (goal <= 5 ms)",
+        percentile(&mut samples, 0.5).as_secs_f64() * 1e3,
+        percentile(&mut samples, 0.99).as_secs_f64() * 1e3
+    );
+}
+
+async fn ctrl_c_after_yes() {
+    let agent = Agent::start(SHELL);
+    let mut t = agent.open(Size::new(80, 24).unwrap()).await;
+    t.send_input(b"echo READY-$((1+1))\r").await.unwrap();
+    agent_until(&mut t, b"READY-2").await;
+    t.send_input(b"yes\r").await.unwrap();
+    let flood = Instant::now();
+    let mut during = 0u64;
+    let mut skips = 0;
+    while flood.elapsed() < Duration::from_secs(3) {
+        match t.next_event().await.unwrap() {
+            Event::Output { data, .. } => during += data.len() as u64,
+            Event::Snapshot(_) => skips += 1,
+            _ => {}
+        }
+    }
+    let t0 = Instant::now();
+    t.send_input(b"\x03").await.unwrap();
+    t.send_input(b"echo AFTER-$((6*7))\r").await.unwrap();
+    let mut after = 0u64;
+    let mut tail = Vec::new();
+    loop {
+        let data = match t.next_event().await.unwrap() {
+            Event::Output { data, .. } => data.to_vec(),
+            Event::Snapshot(s) => s.data.to_vec(),
+            _ => continue,
+        };
+        after += data.len() as u64;
+        tail.extend_from_slice(&data);
+        if contains(&tail, b"AFTER-42") {
+            break;
+        }
+        let keep = tail.len().saturating_sub(8);
+        tail.drain(..keep);
+    }
+    println!("Ctrl-C after 3 s of `yes` ({during} bytes received, {skips} catch-up snapshots):");
+    println!(
+        "  the prompt's marker after {:.1} ms, {after} bytes received after the Ctrl-C",
+        t0.elapsed().as_secs_f64() * 1e3
     );
 }
 
@@ -413,30 +629,34 @@ async fn memory() {
     let idle = (rss_kib(agent_pid), rss_kib(server), rss_kib(shell));
     let idle_total = idle.0 + idle.1 + idle.2;
 
-    let mut clients = Vec::new();
-    for _ in 0..CLIENTS {
-        let mut t = agent.open(Size::new(80, 24).unwrap()).await;
-        let _ = tokio::time::timeout(Duration::from_millis(200), async {
-            loop {
-                t.next_event().await.unwrap();
-            }
-        })
-        .await;
-        clients.push(t);
+    let processes = children_of(agent_pid).len() + children_of(server).len();
+    let mut viewers = Vec::new();
+    let t0 = Instant::now();
+    for _ in 0..VIEWERS {
+        let mut t = agent
+            .open_as(Mode::Observe, Size::new(80, 24).unwrap())
+            .await;
+        // The snapshot.
+        t.next_event().await.unwrap();
+        viewers.push(t);
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let attach_clients: u64 = children_of(agent_pid).into_iter().map(rss_kib).sum();
-    let attached_total = rss_kib(agent_pid) + rss_kib(server) + rss_kib(shell) + attach_clients;
+    let opened = t0.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let with = (rss_kib(agent_pid), rss_kib(server), rss_kib(shell));
+    let after_processes = children_of(agent_pid).len() + children_of(server).len();
     println!("memory (RSS):");
     println!(
         "  idle session: {} KiB (agent {} + tmux server {} + shell {})",
         idle_total, idle.0, idle.1, idle.2
     );
     println!(
-        "  per attached client: {} KiB (measured with {CLIENTS} clients: agent, tmux server and `tmux attach` processes)",
-        attached_total.saturating_sub(idle_total) / CLIENTS as u64
+        "  with {VIEWERS} observers (opened in {:.1} s): agent {} KiB (+{:.1} KiB per viewer), tmux server {} KiB, processes {processes} -> {after_processes}",
+        opened.as_secs_f64(),
+        with.0,
+        with.0.saturating_sub(idle.0) as f64 / VIEWERS as f64,
+        with.1
     );
-    drop(clients);
+    drop(viewers);
 }
 
 fn main() {
@@ -453,6 +673,8 @@ fn main() {
     rt.block_on(async {
         output_ratio().await;
         echo_latency().await;
+        connect_to_first_output().await;
+        ctrl_c_after_yes().await;
         memory().await;
     });
 }
