@@ -284,11 +284,7 @@ where
     let mut counter = Counter::default();
     loop {
         match t.next_event().await.unwrap() {
-            Event::Output { data, .. } => {
-                if counter.feed(&data) {
-                    return counter.chars;
-                }
-            }
+            Event::Output { data, .. } if counter.feed(&data) => return counter.chars,
             Event::Snapshot(_) => panic!("the agent skipped output: the bench client fell behind"),
             _ => {}
         }
