@@ -171,6 +171,8 @@ struct Agent {
     size: watch::Sender<PaneSize>,
     /// The last snapshot, reused while the log has not moved and the pane was not resized.
     snapshot: tokio::sync::Mutex<Option<Arc<Encoded>>>,
+    /// The shell's exit status, once the pane wrapper reported it in the output.
+    exit_report: watch::Sender<Option<i32>>,
 }
 
 /// Runs the agent on `listener` until the shell exits, the session idles out, or `shutdown`
@@ -225,7 +227,9 @@ async fn serve(
         .find(|(name, _)| name == "PATH")
         .map_or(crate::tmux::BASE_PATH, |(_, value)| value.as_str());
     crate::check_command(&cfg.command, Some(std::ffi::OsStr::new(path)))?;
-    tmux.start(&cfg.state_dir, &cfg.command, &cfg.shell_env, size)
+    // Tags the pane wrapper's exit report, so that output that merely looks like one is not.
+    let nonce = ClientId::random().to_string();
+    tmux.start(&cfg.state_dir, &cfg.command, &cfg.shell_env, size, &nonce)
         .await?;
     if let Some(dir) = &cfg.recording_dir {
         crate::recording::start(&tmux, &cfg, dir, size).await?;
@@ -266,8 +270,10 @@ async fn serve(
         resizing: tokio::sync::Mutex::new(()),
         size: watch::channel(PaneSize { size, from: 0 }).0,
         snapshot: tokio::sync::Mutex::new(None),
+        exit_report: watch::channel(None).0,
         cfg,
     });
+    tokio::spawn(watch_exit_report(agent.clone(), nonce));
     let app = axum::Router::new()
         .route("/attach", get(attach))
         .route("/healthz", get(|| async { "ok" }))
@@ -385,15 +391,50 @@ impl Agent {
     }
 }
 
+/// Follows the log for the pane wrapper's exit report (see [`crate::tmux::pane_command`]).
+/// Everything the shell wrote is in the log before it; the wrapper then waits for the
+/// acknowledgement, a newline typed into the pane, and ends.
+async fn watch_exit_report(agent: Arc<Agent>, nonce: String) {
+    let mut report = crate::tmux::ExitReport::new(&nonce);
+    let mut end = agent.control.end();
+    let mut at = 0;
+    loop {
+        match agent.control.read(at, 1 << 20) {
+            Read::Bytes(data, next) => {
+                at = next;
+                if let Some(code) = report.feed(&data) {
+                    agent.exit_report.send_replace(Some(code));
+                    if let Err(e) = agent.control.type_bytes(b"\n").await {
+                        debug!(error = %e, "the exit report's acknowledgement was not delivered");
+                    }
+                    return;
+                }
+            }
+            Read::Gone { oldest } => at = oldest,
+            Read::UpToDate | Read::Ahead { .. } => {
+                if end.changed().await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
 /// Polls tmux for the shell's exit and idleness, reaps clients past their grace period.
 async fn supervise(agent: &Arc<Agent>, shutdown: impl Future<Output = ()>) -> Result<Outcome> {
     let mut tick = tokio::time::interval(POLL);
     let mut dead_since = None;
+    let mut reported = agent.exit_report.subscribe();
     tokio::pin!(shutdown);
     loop {
         tokio::select! {
             _ = &mut shutdown => return Ok(Outcome::Terminated),
             why = agent.control.ended() => return Err(control_error(why)),
+            Ok(()) = reported.changed() => {
+                if let Some(code) = *reported.borrow() {
+                    return Ok(Outcome::ShellExited { code });
+                }
+            }
             _ = tick.tick() => {}
         }
         let state = agent.pane_state().await?;

@@ -39,6 +39,71 @@ set -g visual-bell off
 set -g focus-events off
 ";
 
+/// The pane's command: `/bin/sh` runs the session's command, then reports its exit status in
+/// the output stream and waits for the agent's acknowledgement (a newline typed into the pane)
+/// before the pane ends. tmux discards output still queued for control clients when a pane's
+/// process exits; with the pane kept alive until the agent has seen the report, which tmux
+/// writes after everything before it, no output is lost. `trap :` (a handler, not an ignore,
+/// so the command still gets the default) keeps Ctrl-C meant for the command from ending the
+/// wrapper; the report is `ESC ] 7701 ; <nonce> ; <status> BEL` (terminals ignore it).
+const PANE_WRAPPER: &str = "trap : INT QUIT; n=$1; shift; \"$@\"; s=$?; \
+printf '\\033]7701;%s;%d\\007' \"$n\" \"$s\"; stty -echo 2>/dev/null; read -r _; exit \"$s\"";
+
+/// The OSC number of the exit report (see [`PANE_WRAPPER`]).
+pub const EXIT_REPORT_OSC: &str = "7701";
+
+/// The pane's argv for the session's `argv`, with the exit report tagged by `nonce`.
+pub fn pane_command(nonce: &str, argv: &[String]) -> Vec<String> {
+    let mut v = vec![
+        "/bin/sh".to_owned(),
+        "-c".to_owned(),
+        PANE_WRAPPER.to_owned(),
+        "tether-pane".to_owned(),
+        nonce.to_owned(),
+    ];
+    v.extend(argv.iter().cloned());
+    v
+}
+
+/// Finds the exit report tagged by `nonce` in the output stream, fed in pieces.
+#[derive(Debug)]
+pub struct ExitReport {
+    prefix: Vec<u8>,
+    tail: Vec<u8>,
+}
+
+impl ExitReport {
+    pub fn new(nonce: &str) -> Self {
+        Self {
+            prefix: format!("\x1b]{EXIT_REPORT_OSC};{nonce};").into_bytes(),
+            tail: Vec::new(),
+        }
+    }
+
+    /// Feeds output; the status once the whole report has been seen.
+    pub fn feed(&mut self, data: &[u8]) -> Option<i32> {
+        self.tail.extend_from_slice(data);
+        if let Some(at) = self
+            .tail
+            .windows(self.prefix.len())
+            .position(|w| w == self.prefix.as_slice())
+        {
+            let rest = &self.tail[at + self.prefix.len()..];
+            if let Some(end) = rest.iter().position(|&b| b == 0x07) {
+                let status = std::str::from_utf8(&rest[..end]).ok()?.parse().ok();
+                self.tail.clear();
+                return status;
+            }
+            // The report so far: keep it for the rest.
+            self.tail.drain(..at);
+            return None;
+        }
+        let keep = self.tail.len().saturating_sub(self.prefix.len());
+        self.tail.drain(..keep);
+        None
+    }
+}
+
 /// `PATH` of tmux and of the shell unless the session sets its own.
 pub const BASE_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
@@ -109,6 +174,7 @@ impl Tmux {
         argv: &[String],
         env: &[(String, String)],
         size: Size,
+        nonce: &str,
     ) -> Result<()> {
         std::fs::create_dir_all(state_dir)
             .map_err(|e| Error::Io(state_dir.display().to_string(), e))?;
@@ -138,7 +204,7 @@ impl Tmux {
         }
         // The end of tmux's options: a command starting with `-` is still the command.
         c.arg("--");
-        c.args(argv);
+        c.args(pane_command(nonce, argv));
         self.run(c).await?;
         Ok(())
     }
@@ -254,6 +320,24 @@ mod tests {
             None,
             "a live process has no status"
         );
+    }
+
+    #[test]
+    fn the_exit_report_is_found_across_pieces_and_only_with_its_nonce() {
+        let mut r = ExitReport::new("n0nce");
+        assert_eq!(
+            r.feed(b"output \x1b]7701;other;3\x07 more"),
+            None,
+            "another nonce"
+        );
+        assert_eq!(r.feed(b"\x1b]77"), None);
+        assert_eq!(r.feed(b"01;n0n"), None);
+        assert_eq!(r.feed(b"ce;4"), None);
+        assert_eq!(r.feed(b"2\x07"), Some(42));
+        let mut r = ExitReport::new("n0nce");
+        assert_eq!(r.feed(b"\x1b]7701;n0nce;130\x07"), Some(130));
+        let mut r = ExitReport::new("n0nce");
+        assert_eq!(r.feed(b"\x1b]7701;n0nce;x\x07"), None, "not a number");
     }
 
     #[test]
