@@ -154,6 +154,7 @@ async fn the_shell_runs_in_the_sandbox_the_product_promises() {
         " quota=$(cat /sys/fs/cgroup/cpu/cpu.cfs_quota_us 2>/dev/null || cut -d' ' -f1 /sys/fs/cgroup/cpu.max)",
         " period=$(cat /sys/fs/cgroup/cpu/cpu.cfs_period_us 2>/dev/null || cut -d' ' -f2 /sys/fs/cgroup/cpu.max)",
         " tmux=$(command -v tmux)",
+        " tmuxv=$(tmux -V | tr ' ' _)",
     );
     let out = t.run(probe, STEP).await.expect("the probe runs");
     assert_eq!(field(&out, "uid"), "1000", "{out}");
@@ -185,6 +186,11 @@ async fn the_shell_runs_in_the_sandbox_the_product_promises() {
         "/usr/bin/tmux",
         "the image's tmux: {out}"
     );
+    // The agent in this pod runs the image's tmux, 3.7 or later, under the restricted profile.
+    let version = field(&out, "tmuxv").replace('_', " ");
+    let (major, minor) =
+        tether_e2e::tmux_version(&version).unwrap_or_else(|| panic!("tmux -V: {out}"));
+    assert!((major, minor) >= (3, 7), "the session's {version}");
 }
 
 /// A pod that tries to open a TCP connection to `target` and exits 0 when it could.
