@@ -1,5 +1,7 @@
 //! Echo latency and output time through gateway + real session agent (tmux, bash) versus
-//! directly to the same agent. One run, ratios.
+//! directly to the same agent, one run, ratios; then the memory of 1,000 observers connected
+//! through the gateway (the viewers run in a child process, so this process's RSS is the
+//! gateway's and the agent's).
 //!
 //! `cargo bench -p tether-gateway --bench agent_latency` (needs tmux and bash).
 
@@ -80,8 +82,58 @@ async fn measure(mut t: TerminalClient<Ws>, rounds: usize) -> (Duration, Duratio
     (samples[rounds / 2], samples[rounds * 99 / 100], s.elapsed())
 }
 
+/// Viewers opened by the child process.
+const VIEWERS: usize = 1000;
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The child process: opens [`VIEWERS`] observers at `url`, says `ready` once each has its
+/// snapshot, keeps reading (so pings are answered) until its stdin closes.
+async fn viewers(url: String) {
+    let mut tasks = Vec::new();
+    let gate = Arc::new(tokio::sync::Semaphore::new(50));
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(VIEWERS);
+    for _ in 0..VIEWERS {
+        let (url, gate, tx) = (url.clone(), gate.clone(), tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let permit = gate.acquire_owned().await.unwrap();
+            let mut req = url.as_str().into_client_request().unwrap();
+            let protocols = format!("{SUBPROTOCOL}, {}", bearer_protocol("bench-token-0001"));
+            req.headers_mut()
+                .insert("sec-websocket-protocol", protocols.parse().unwrap());
+            req.headers_mut().insert("origin", ORIGIN.parse().unwrap());
+            let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+            let (mut t, _) = TerminalClient::open(ws, Size::default()).await.unwrap();
+            t.next_event().await.unwrap();
+            drop(permit);
+            tx.send(()).await.unwrap();
+            while t.next_event().await.is_ok() {}
+        }));
+    }
+    for _ in 0..VIEWERS {
+        rx.recv().await.unwrap();
+    }
+    println!("ready");
+    let mut line = String::new();
+    let _ = std::io::stdin().read_line(&mut line);
+    for t in tasks {
+        t.abort();
+    }
+}
+
 #[tokio::main]
 async fn main() {
+    if let Ok(url) = std::env::var("TETHER_BENCH_VIEWERS_URL") {
+        return viewers(url).await;
+    }
     let (private, public) = generate_keypair();
     let dir = tempfile::tempdir().unwrap();
     let cfg = tether_session_agent::Args::try_parse_from([
@@ -123,6 +175,8 @@ async fn main() {
         format!("--allowed-origin={ORIGIN}"),
         format!("--ticket-signing-key-file={}", key.display()),
         format!("--dev-token-file={}", tokens.display()),
+        "--max-connections-per-user=2000".into(),
+        "--handshake-rate=100000".into(),
     ])
     .unwrap()
     .into_config()
@@ -156,7 +210,9 @@ async fn main() {
         config,
         Backends {
             index,
-            access: Arc::new(StaticAccess::default().allow("devs", "bench", Mode::Attach)),
+            access: Arc::new(StaticAccess::default()
+                    .allow("devs", "bench", Mode::Attach)
+                    .allow("devs", "bench", Mode::Observe)),
             token_review: None,
             sessions: std::sync::Arc::new(tether_gateway::sessions::MemoryStore::default()),
         },
@@ -216,4 +272,34 @@ async fn main() {
         g99.as_secs_f64() / d99.as_secs_f64(),
         gout.as_secs_f64() / dout.as_secs_f64()
     );
+
+    // 1,000 observers through the gateway, from a child process.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = rss_kib();
+    let started = std::time::Instant::now();
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .env(
+            "TETHER_BENCH_VIEWERS_URL",
+            format!("ws://{gateway}/ws/bench/agent?mode=observe"),
+        )
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut out = tokio::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    tokio::io::AsyncBufReadExt::read_line(&mut out, &mut line)
+        .await
+        .unwrap();
+    assert_eq!(line.trim(), "ready", "the viewers' process failed");
+    let opened = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let with = rss_kib();
+    println!(
+        "{VIEWERS} observers through the gateway (opened in {:.1} s): gateway + agent RSS {before} -> {with} KiB, {:.1} KiB per viewer",
+        opened.as_secs_f64(),
+        with.saturating_sub(before) as f64 / VIEWERS as f64
+    );
+    drop(child);
 }
