@@ -210,9 +210,11 @@ async fn main() {
         config,
         Backends {
             index,
-            access: Arc::new(StaticAccess::default()
+            access: Arc::new(
+                StaticAccess::default()
                     .allow("devs", "bench", Mode::Attach)
-                    .allow("devs", "bench", Mode::Observe)),
+                    .allow("devs", "bench", Mode::Observe),
+            ),
             token_review: None,
             sessions: std::sync::Arc::new(tether_gateway::sessions::MemoryStore::default()),
         },
