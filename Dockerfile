@@ -89,12 +89,15 @@ ENTRYPOINT ["/usr/local/bin/tether-gateway"]
 # with an ELF interpreter and RPATH of its own (patchelf). Nothing else uses those libraries:
 # programs tmux starts (the shell) run with the system's. The agent itself is built for bookworm.
 FROM ${SESSION_BASE} AS session-system
+# `false` only for a mirror that serves a frozen snapshot of sid, whose Release file's
+# Valid-Until has passed (the tests' offline mirror); signatures are checked either way.
+ARG APT_CHECK_VALID_UNTIL=true
 RUN apt-get update \
  && apt-get install -y --no-install-recommends bash zsh fish ca-certificates less vim-tiny procps locales patchelf \
  && sed -i 's/^# *en_US.UTF-8/en_US.UTF-8/' /etc/locale.gen && locale-gen \
  && echo 'deb http://deb.debian.org/debian sid main' > /etc/apt/sources.list.d/tmux-from-sid.list \
  && printf 'Package: *\nPin: release n=sid\nPin-Priority: 1\n' > /etc/apt/preferences.d/tmux-from-sid \
- && apt-get update \
+ && apt-get -o Acquire::Check-Valid-Until="$APT_CHECK_VALID_UNTIL" update \
  && mkdir -p /tmp/tmux-debs /opt/tmux && cd /tmp/tmux-debs \
  && apt-get download tmux/sid libc6/sid libevent-core-2.1-7t64/sid libjemalloc2/sid \
       libsystemd0/sid libtinfo6/sid libgcc-s1/sid libstdc++6/sid \

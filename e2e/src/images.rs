@@ -288,6 +288,9 @@ pub fn build(opts: &ImageOptions) -> anyhow::Result<Vec<BuiltImage>> {
             runtime_id = id;
         }
     }
+    // Debian's mirror here serves frozen snapshots: sid's Release file is past its Valid-Until
+    // (this host's own apt configuration turns the check off for the same reason).
+    build_args.push(("APT_CHECK_VALID_UNTIL".to_string(), "false".to_string()));
     let (system, system_id) = ensure_session_system(&buildah, &dockerfile, &build_args)?;
     build_args.push(("SESSION_SYSTEM".to_string(), system));
 
@@ -513,15 +516,23 @@ fn ensure_session_system(
     let stage = stage_text(&text, SESSION_SYSTEM_STAGE).with_context(|| {
         format!("the Dockerfile has no stage `{SESSION_SYSTEM_STAGE}` (FROM … AS {SESSION_SYSTEM_STAGE})")
     })?;
-    // Its base is the only build argument it uses; the base's name carries the base's key.
-    let session_base = build_args
-        .iter()
-        .find(|(k, _)| k == "SESSION_BASE")
-        .map(|(_, v)| v.as_str())
-        .unwrap_or_default();
+    // The build arguments it uses: its base (whose name carries the base's key) and apt's
+    // Valid-Until check.
+    let arg = |name: &str| {
+        build_args
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+            .unwrap_or_default()
+    };
     let name = format!(
         "{REGISTRY}/{SESSION_SYSTEM_STAGE}:{}",
-        key(&[b"session-system", stage.as_bytes(), session_base.as_bytes()])
+        key(&[
+            b"session-system",
+            stage.as_bytes(),
+            arg("SESSION_BASE").as_bytes(),
+            arg("APT_CHECK_VALID_UNTIL").as_bytes(),
+        ])
     );
     if let Some(id) = buildah.image_id(&name)? {
         return Ok((name, id));
