@@ -32,8 +32,9 @@ pub const MAX_CLIENT_FRAME: usize = 64 * 1024;
 pub const MAX_INPUT: usize = MAX_CLIENT_FRAME - 1;
 /// Largest `OUTPUT` payload the agent sends in one frame.
 pub const MAX_OUTPUT_CHUNK: usize = 64 * 1024;
-/// Largest payload of one `SNAPSHOT` chunk; a larger snapshot comes in several.
-pub const MAX_SNAPSHOT: usize = 1024 * 1024;
+/// Largest payload of one `SNAPSHOT` chunk; a larger snapshot comes in several. As small as an
+/// `OUTPUT`, so that no WebSocket buffer on the way grows beyond what output needs anyway.
+pub const MAX_SNAPSHOT: usize = 64 * 1024;
 /// Largest whole snapshot (all its chunks) an agent sends; it keeps the newest history lines
 /// that fit and marks the snapshot truncated.
 pub const MAX_SNAPSHOT_TOTAL: usize = 32 * 1024 * 1024;

@@ -65,12 +65,17 @@ impl Counter {
                 return self.feed(&after);
             }
         } else {
-            self.chars += self.tail[from..].iter().filter(|b| base64(b)).count() as u64;
-            if contains(&self.tail, MARKER) {
-                // The marker's own letters and digits are not payload.
-                self.chars -= 6;
+            let count = |bytes: &[u8]| bytes.iter().filter(|b| base64(b)).count() as u64;
+            if let Some(at) = find(&self.tail, MARKER) {
+                // Up to the marker, not what follows it; part of it may have been counted.
+                if at >= from {
+                    self.chars += count(&self.tail[from..at]);
+                } else {
+                    self.chars -= count(&self.tail[at..from]);
+                }
                 return true;
             }
+            self.chars += count(&self.tail[from..]);
         }
         let keep = self
             .tail
@@ -185,7 +190,10 @@ impl Agent {
             .insert("Sec-WebSocket-Protocol", SUBPROTOCOL.parse().unwrap());
         req.headers_mut()
             .insert("Authorization", format!("Bearer {ticket}").parse().unwrap());
-        let (ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
+        // TCP_NODELAY, as browsers set it.
+        let (ws, _) = tokio_tungstenite::connect_async_with_config(req, None, true)
+            .await
+            .unwrap();
         TerminalClient::open(ws, size).await.unwrap().0
     }
 
@@ -282,8 +290,14 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut counter = Counter::default();
+    let mut dump = std::env::var_os("TETHER_BENCH_DUMP").map(|p| std::fs::File::create(p).unwrap());
     loop {
-        match t.next_event().await.unwrap() {
+        let ev = t.next_event().await.unwrap();
+        if let (Some(f), Event::Output { data, .. }) = (dump.as_mut(), &ev) {
+            use std::io::Write as _;
+            f.write_all(data).unwrap();
+        }
+        match ev {
             Event::Output { data, .. } if counter.feed(&data) => return counter.chars,
             Event::Snapshot(_) => panic!("the agent skipped output: the bench client fell behind"),
             _ => {}
@@ -316,6 +330,7 @@ async fn output_ratio() {
         .unwrap();
     let bare_chars = bare.payload().await;
     let bare_time = t0.elapsed();
+    eprintln!("  ... bare pty: {:.3}s", bare_time.as_secs_f64());
 
     let tmux = tmux_program();
     let version = String::from_utf8_lossy(&Command::new(&tmux).arg("-V").output().unwrap().stdout)
@@ -356,6 +371,7 @@ async fn output_ratio() {
         .unwrap();
     assert!(waited.success());
     let alone_time = t0.elapsed();
+    eprintln!("  ... tmux alone: {:.3}s", alone_time.as_secs_f64());
     let _ = Command::new(&tmux)
         .args(["-S", &sock_s, "kill-server"])
         .output();
@@ -389,6 +405,7 @@ async fn output_ratio() {
         .unwrap();
     let direct_chars = direct.payload().await;
     let direct_time = t0.elapsed();
+    eprintln!("  ... tmux attach: {:.3}s", direct_time.as_secs_f64());
     let _ = Command::new(&tmux)
         .args(["-S", &sock_s, "kill-server"])
         .output();
@@ -401,6 +418,7 @@ async fn output_ratio() {
     t.send_input(format!("{cmd}\r").as_bytes()).await.unwrap();
     let agent_chars = agent_payload(&mut t).await;
     let agent_time = t0.elapsed();
+    eprintln!("  ... agent: {:.3}s", agent_time.as_secs_f64());
     let share = |chars: u64| 100.0 * chars as f64 / BASE64_CHARS as f64;
     println!("output: `{PAYLOAD}` ({BASE64_CHARS} characters), {version}");
     println!(

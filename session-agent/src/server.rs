@@ -50,6 +50,8 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const PING_EVERY: Duration = Duration::from_secs(15);
 /// …and a peer silent for this long is gone.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(45);
+/// Initial read buffer of a connection's WebSocket (it grows for larger frames).
+const READ_BUFFER: usize = 4096;
 /// Output sent per turn of the connection loop before input is looked at again.
 const SEND_BATCH: usize = 256 * 1024;
 
@@ -285,6 +287,12 @@ async fn serve(
         .map_err(|e| Error::Io("listener".into(), e))?;
     info!(%addr, session = %agent.cfg.session, pane = agent.control.pane(), "serving");
     let server = tokio::spawn(async move {
+        // No Nagle: a WELCOME and the snapshot after it, or an echoed keystroke, must not wait
+        // for the peer's delayed ACK (40 ms measured before this).
+        use axum::serve::ListenerExt as _;
+        let listener = listener.tap_io(|tcp| {
+            let _ = tcp.set_nodelay(true);
+        });
         if let Err(e) = axum::serve(listener, app).await {
             warn!(error = %e, "http server stopped");
         }
@@ -508,6 +516,12 @@ async fn attach(
     let ticket = ticket::from_authorization(auth).and_then(|t| agent.verifier.verify(t));
     let ws = ws
         .protocols([SUBPROTOCOL])
+        // Small read buffers: most connections are idle viewers, and tungstenite's default
+        // 128 KiB per socket would be most of what a viewer costs.
+        .read_buffer_size(READ_BUFFER)
+        // Each frame (at most 64 KiB) goes out as it is fed: a viewer's socket keeps no
+        // gathering buffer the size of the largest burst it ever saw.
+        .write_buffer_size(0)
         // Larger than any valid frame, so that oversized frames reach the decoder and get a
         // precise close code; anything beyond this is cut by the WebSocket layer.
         .max_message_size(MAX_CLIENT_FRAME * 16)

@@ -1,5 +1,5 @@
 //! Memory the gateway holds per connection while a malicious agent sends the largest messages
-//! the protocol allows (1 MiB snapshot chunks) without end to a client that does not read, measured with a counting allocator around the in-process gateway
+//! the protocol allows (64 KiB snapshot chunks) without end to a client that does not read, measured with a counting allocator around the in-process gateway
 //! (this file's only test, so nothing else allocates meanwhile).
 // The counting allocator is the one `unsafe` here: it forwards to the system allocator.
 #![allow(unsafe_code)]
@@ -158,7 +158,7 @@ async fn a_flooding_agent_and_a_client_that_does_not_read_hold_bounded_memory() 
         per_connection_peak as f64 / MIB as f64
     );
     let per_connection_held = held.saturating_sub(baseline) / CONNECTIONS;
-    // The bound by design: one message of the protocol's largest (a 1 MiB SNAPSHOT chunk) in
+    // The bound by design: one message of the protocol's largest (a 64 KiB SNAPSHOT chunk) in
     // the client's write buffer, plus the agent socket's read buffer, which keeps the capacity
     // that message needed; everything else is small. The gateway reads the agent no faster than
     // the client takes messages, so nothing grows with how long the agent keeps sending.

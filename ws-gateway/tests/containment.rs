@@ -218,7 +218,7 @@ async fn wait_for_end(gw: &TestGateway) -> serde_json::Value {
 async fn agent_frames_out_of_order_or_over_the_protocols_limits_close_with_4500() {
     for (behaviour, words) in [
         (Behaviour::OutputFirst, "a frame before WELCOME"),
-        (Behaviour::OversizedOutput, "a bad frame"),
+        (Behaviour::OversizedOutput, "size limits"),
     ] {
         let gw = gateway_for(fake_agent(behaviour).await, Arc::default()).await;
         let mut ws = opened(&gw).await;

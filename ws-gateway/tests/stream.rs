@@ -10,9 +10,9 @@ use clap::Parser;
 use common::*;
 use rand::Rng;
 use tether_gateway::index::Index;
+use tether_protocol::Size;
 use tether_protocol::client::{Event, TerminalClient};
 use tether_protocol::frame::Start;
-use tether_protocol::Size;
 
 /// A gateway whose session is served by an in-process agent running bash in tmux.
 struct Stack {

@@ -11,7 +11,7 @@ export const MAX_CLIENT_FRAME = 64 * 1024;
 export const MAX_INPUT = MAX_CLIENT_FRAME - 1;
 export const MAX_OUTPUT_CHUNK = 64 * 1024;
 /** Largest payload of one SNAPSHOT chunk. */
-export const MAX_SNAPSHOT = 1024 * 1024;
+export const MAX_SNAPSHOT = 64 * 1024;
 /** Largest whole snapshot, all its chunks. */
 export const MAX_SNAPSHOT_TOTAL = 32 * 1024 * 1024;
 export const MAX_EXIT_REASON = 1024;
