@@ -487,13 +487,14 @@ where
                 None => end!(EndedBy::Agent, CloseCode::INTERNAL.0, agent_lost()),
                 Some(Err(e)) => {
                     let e: BoxError = e.into();
-                    let why = if is_too_large(&*e) {
-                        "the session agent sent a message over tether.v2's size limits".to_owned()
-                    } else {
-                        agent_lost()
-                    };
                     tracing::warn!(error = %e, "agent connection failed");
-                    end!(EndedBy::Agent, CloseCode::INTERNAL.0, why)
+                    if is_too_large(&*e) {
+                        // The agent broke the protocol; the gateway ends the connection.
+                        let why = "the session agent sent a message over tether.v2's size limits";
+                        end!(EndedBy::GatewayProtocol, CloseCode::INTERNAL.0, why.to_owned())
+                    } else {
+                        end!(EndedBy::Agent, CloseCode::INTERNAL.0, agent_lost())
+                    }
                 }
                 Some(Ok(Message::Binary(b))) => {
                     if let Err(why) = check_agent_frame(&b, &mut agent_state) {
