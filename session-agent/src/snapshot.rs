@@ -113,12 +113,23 @@ impl Snapshot {
         // With no history tmux still answers one line; keep only what it holds.
         let keep = history.len().min(history_size);
         history.drain(..history.len() - keep);
+        for line in &mut history {
+            trim_blank_end(line);
+        }
         let rows = |lines: &[Vec<u8>]| {
             let mut rows = lines.to_vec();
             rows.resize(usize::from(height), Vec::new());
+            rows.iter_mut().for_each(trim_blank_end);
             rows
         };
-        let shown = rows(&replies[1].lines);
+        let mut shown = rows(&replies[1].lines);
+        // The spaces a program wrote before the cursor on its row are kept (`$ ` stays `$ `).
+        if let Some(row) = shown.get_mut(usize::from(cursor_y)) {
+            let width = columns(row);
+            if width < usize::from(cursor_x) {
+                row.resize(row.len() + usize::from(cursor_x) - width, b' ');
+            }
+        }
         let (screen, alternate) = match replies.get(3) {
             Some(r) if alternate_on && r.ok => (rows(&r.lines), Some(shown)),
             _ => (shown, None),
@@ -228,6 +239,54 @@ impl Snapshot {
     }
 }
 
+/// Drops the spaces at the end of a captured row when they are plain (no attribute in effect):
+/// `capture-pane -N` keeps every space a program wrote, and a terminal that is sent them holds
+/// them as written cells, which a blank never is (a prompt's line would end in spaces). Spaces
+/// with a colour or an attribute stay: they are visible.
+fn trim_blank_end(row: &mut Vec<u8>) {
+    let text_end = row.iter().rposition(|&b| b != b' ').map_or(0, |i| i + 1);
+    if text_end == row.len() {
+        return;
+    }
+    // The attributes in effect at the spaces: none if the row has no escape sequence, or if its
+    // last one is a full reset.
+    let plain = match row[..text_end].iter().rposition(|&b| b == 0x1b) {
+        None => true,
+        Some(esc) => {
+            let seq = &row[esc..text_end];
+            seq == b"\x1b[0m" || seq == b"\x1b[m"
+        }
+    };
+    if plain {
+        row.truncate(text_end);
+    }
+}
+
+/// The columns a captured row fills: its characters, escape sequences left out (a wide
+/// character counts as one, an approximation that only decides how many spaces to keep).
+fn columns(row: &[u8]) -> usize {
+    let mut n = 0;
+    let mut i = 0;
+    while i < row.len() {
+        if row[i] == 0x1b {
+            i += 1;
+            if row.get(i) == Some(&b'[') {
+                i += 1;
+                while i < row.len() && !(0x40..=0x7e).contains(&row[i]) {
+                    i += 1;
+                }
+            }
+            i += 1;
+            continue;
+        }
+        if row[i] & 0xc0 != 0x80 {
+            n += 1;
+        }
+        i += 1;
+    }
+    n
+}
+
 /// The rows top to bottom, each with its colours reset at its end. A row as wide as the screen
 /// leaves the cursor waiting to wrap; the `\r\n` after it cancels that, so no blank row comes.
 fn write_rows(out: &mut Vec<u8>, rows: &[Vec<u8>]) {
@@ -237,5 +296,34 @@ fn write_rows(out: &mut Vec<u8>, rows: &[Vec<u8>]) {
         }
         out.extend_from_slice(row);
         out.extend_from_slice(b"\x1b[0m");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::trim_blank_end;
+
+    #[test]
+    fn plain_trailing_spaces_go_coloured_ones_stay() {
+        let trim = |s: &[u8]| {
+            let mut v = s.to_vec();
+            trim_blank_end(&mut v);
+            v
+        };
+        assert_eq!(trim(b"user@host:~$      "), b"user@host:~$".to_vec());
+        assert_eq!(
+            trim(b"\x1b[1mbold\x1b[0m   "),
+            b"\x1b[1mbold\x1b[0m".to_vec()
+        );
+        assert_eq!(trim(b"\x1b[41mred   "), b"\x1b[41mred   ".to_vec());
+        assert_eq!(trim(b"\x1b[7m   "), b"\x1b[7m   ".to_vec());
+        assert_eq!(trim(b"     "), b"".to_vec());
+        assert_eq!(trim(b"no spaces"), b"no spaces".to_vec());
+    }
+
+    #[test]
+    fn columns_leave_escape_sequences_out() {
+        assert_eq!(super::columns(b"\x1b[1;32mgreen\x1b[0m $"), 7);
+        assert_eq!(super::columns("é€".as_bytes()), 2);
     }
 }

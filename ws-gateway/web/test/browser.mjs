@@ -213,7 +213,7 @@ try {
   const page = await newPage('attach');
   const row = await signIn(page);
   await openTerminal(page, row, 'attach');
-  await waitFor(page, 'a shell prompt', () => /[$#>] ?$/m.test(window.__tether.transcript()));
+  await waitFor(page, 'a shell prompt', () => /[$#>] *$/m.test(window.__tether.transcript()));
   log(`${since()} prompt seen`);
 
   let observer = null;
