@@ -173,38 +173,10 @@ impl ControlClient {
         {
             return Err(ControlError::BadCommand);
         }
-        let (tx, rx) = oneshot::channel();
-        {
-            let mut input = self.input.lock().await;
-            if let Some(why) = self.shared.ended.borrow().clone() {
-                return Err(why);
-            }
-            // Owed before written, so the reader never sees a reply nobody waits for.
-            self.shared
-                .waiting
-                .lock()
-                .expect("not poisoned")
-                .push_back(Waiter {
-                    commands: commands.len(),
-                    replies: Vec::with_capacity(commands.len()),
-                    tx,
-                });
-            let mut bytes = commands.join(" ; ").into_bytes();
-            bytes.push(b'\n');
-            input
-                .write_all(&bytes)
-                .await
-                .map_err(|e| ControlError::Write(e.to_string()))?;
-        }
-        match rx.await {
-            Ok(replies) => Ok(replies),
-            Err(_) => Err(self
-                .shared
-                .ended
-                .borrow()
-                .clone()
-                .unwrap_or(ControlError::Exited(None))),
-        }
+        let line = commands.join(" ; ");
+        let answer = self.write_lines(&[(line, commands.len())]).await?;
+        self.replies(answer.into_iter().next().expect("one line"))
+            .await
     }
 
     /// Types `data` into the pane exactly (see [`send_keys`]); returns once tmux took all of it.
@@ -212,43 +184,12 @@ impl ControlClient {
     /// paste costs one round trip, and no other input comes between its lines.
     pub async fn type_bytes(&self, data: &[u8]) -> Result<(), ControlError> {
         let target = format!("%{}", self.pane);
-        let lines = send_keys(&target, data);
-        let mut answers = Vec::with_capacity(lines.len());
-        {
-            let mut input = self.input.lock().await;
-            if let Some(why) = self.shared.ended.borrow().clone() {
-                return Err(why);
-            }
-            let mut bytes = Vec::with_capacity(lines.iter().map(|l| l.len() + 1).sum());
-            {
-                let mut waiting = self.shared.waiting.lock().expect("not poisoned");
-                for line in &lines {
-                    let (tx, rx) = oneshot::channel();
-                    waiting.push_back(Waiter {
-                        commands: 1,
-                        replies: Vec::with_capacity(1),
-                        tx,
-                    });
-                    answers.push(rx);
-                    bytes.extend_from_slice(line.as_bytes());
-                    bytes.push(b'\n');
-                }
-            }
-            input
-                .write_all(&bytes)
-                .await
-                .map_err(|e| ControlError::Write(e.to_string()))?;
-        }
-        for rx in answers {
-            let Ok(replies) = rx.await else {
-                return Err(self
-                    .shared
-                    .ended
-                    .borrow()
-                    .clone()
-                    .unwrap_or(ControlError::Exited(None)));
-            };
-            if let Some(reply) = replies.into_iter().find(|r| !r.ok) {
+        let lines: Vec<(String, usize)> = send_keys(&target, data)
+            .into_iter()
+            .map(|line| (line, 1))
+            .collect();
+        for answer in self.write_lines(&lines).await? {
+            if let Some(reply) = self.replies(answer).await?.into_iter().find(|r| !r.ok) {
                 return Err(ControlError::Refused {
                     command: "send-keys".into(),
                     reason: String::from_utf8_lossy(&reply.lines.concat()).into_owned(),
@@ -256,6 +197,53 @@ impl ControlClient {
             }
         }
         Ok(())
+    }
+
+    /// Writes command lines (each with the number of commands on it) in one write, each owed
+    /// its replies before it is written, so the reader never sees a reply nobody waits for.
+    async fn write_lines(
+        &self,
+        lines: &[(String, usize)],
+    ) -> Result<Vec<oneshot::Receiver<Vec<Reply>>>, ControlError> {
+        let mut input = self.input.lock().await;
+        if let Some(why) = self.shared.ended.borrow().clone() {
+            return Err(why);
+        }
+        let mut answers = Vec::with_capacity(lines.len());
+        let mut bytes = Vec::with_capacity(lines.iter().map(|(l, _)| l.len() + 1).sum());
+        {
+            let mut waiting = self.shared.waiting.lock().expect("not poisoned");
+            for (line, commands) in lines {
+                let (tx, rx) = oneshot::channel();
+                waiting.push_back(Waiter {
+                    commands: *commands,
+                    replies: Vec::with_capacity(*commands),
+                    tx,
+                });
+                answers.push(rx);
+                bytes.extend_from_slice(line.as_bytes());
+                bytes.push(b'\n');
+            }
+        }
+        input
+            .write_all(&bytes)
+            .await
+            .map_err(|e| ControlError::Write(e.to_string()))?;
+        Ok(answers)
+    }
+
+    /// The replies to one line, or why the client ended before they came.
+    async fn replies(
+        &self,
+        answer: oneshot::Receiver<Vec<Reply>>,
+    ) -> Result<Vec<Reply>, ControlError> {
+        answer.await.map_err(|_| {
+            self.shared
+                .ended
+                .borrow()
+                .clone()
+                .unwrap_or(ControlError::Exited(None))
+        })
     }
 
     /// The oldest offset the log still holds and the offset after its newest byte.

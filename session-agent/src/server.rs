@@ -87,12 +87,11 @@ impl Viewer {
     }
 }
 
-/// The clients holding slots, and how many more are being opened right now; one lock, so that
-/// admission is decided and its slot taken in one step.
+/// The clients holding slots. Admission is decided and its slot taken under this one lock, so
+/// no opening is ever pending outside it.
 #[derive(Default)]
 struct Clients {
     map: HashMap<ClientId, Arc<Viewer>>,
-    opening: usize,
 }
 
 impl Clients {
@@ -337,7 +336,26 @@ impl Agent {
         )))
     }
 
-    /// Sizes the pane as the driver wants it, and tells every connection (in stream order).
+    /// Records the size attach connection `generation` wants (a new one goes on top: it is the
+    /// driver now; `None`: it left), then sizes the pane as the driver wants it.
+    async fn want_size(&self, generation: u64, size: Option<Size>) {
+        {
+            let mut drivers = self.drivers.lock().unwrap();
+            let at = drivers.wanted.iter().position(|(g, _)| *g == generation);
+            match (at, size) {
+                (Some(i), Some(size)) => drivers.wanted[i].1 = size,
+                (None, Some(size)) => drivers.wanted.push((generation, size)),
+                (Some(i), None) => {
+                    drivers.wanted.remove(i);
+                }
+                (None, None) => {}
+            }
+        }
+        self.apply_driver_size().await;
+    }
+
+    /// Sizes the pane as the driver wants it (nothing when it has that size already), and tells
+    /// every connection (in stream order).
     async fn apply_driver_size(&self) {
         let _one = self.resizing.lock().await;
         let Some(want) = self.drivers.lock().unwrap().driver() else {
@@ -605,7 +623,7 @@ async fn connection(
             let evicted = {
                 let mut clients = agent.clients.lock().unwrap();
                 let holders = clients.holders();
-                match slots::admit(&holders, clients.opening, limits, &claims.sub, mode) {
+                match slots::admit(&holders, 0, limits, &claims.sub, mode) {
                     slots::Admission::Full => None,
                     slots::Admission::Admit { evict } => {
                         let evicted: Vec<_> = evict
@@ -683,13 +701,7 @@ async fn connection(
     agent.connections.fetch_add(1, Ordering::SeqCst);
     if mode == Mode::Attach {
         // The newest attach connection drives the pane's size.
-        agent
-            .drivers
-            .lock()
-            .unwrap()
-            .wanted
-            .push((generation, size));
-        agent.apply_driver_size().await;
+        agent.want_size(generation, Some(size)).await;
     }
     let gauge = agent
         .metrics
@@ -716,13 +728,7 @@ async fn connection(
 
     gauge.dec();
     if mode == Mode::Attach {
-        agent
-            .drivers
-            .lock()
-            .unwrap()
-            .wanted
-            .retain(|(g, _)| *g != generation);
-        agent.apply_driver_size().await;
+        agent.want_size(generation, None).await;
     }
     let still_ours = {
         let mut st = client.state.lock().unwrap();
@@ -993,23 +999,7 @@ impl Conn<'_> {
                 if self.client.mode == Mode::Observe {
                     return Ok(Some(End::Close(CloseCode::READ_ONLY, None)));
                 }
-                let changed = {
-                    let mut drivers = agent.drivers.lock().unwrap();
-                    match drivers
-                        .wanted
-                        .iter_mut()
-                        .find(|(g, _)| *g == self.generation)
-                    {
-                        Some(entry) if entry.1 != size => {
-                            entry.1 = size;
-                            true
-                        }
-                        _ => false,
-                    }
-                };
-                if changed {
-                    agent.apply_driver_size().await;
-                }
+                agent.want_size(self.generation, Some(size)).await;
             }
             ClientFrame::Ack(o) => {
                 if o > self.sent {

@@ -429,7 +429,8 @@ fn test(no_lint: bool, cargo_test_args: &[String]) -> anyhow::Result<()> {
     realnode::preflight()?;
     // tmux for the agent's tests, Chromium for the browser tests, runc, CNI, iptables, buildah
     // and mmdebstrap for the real node and its images.
-    let mut packages = vec!["tmux", "chromium"];
+    // vim: the full-screen program the agent's late-viewer test runs.
+    let mut packages = vec!["tmux", "vim", "chromium"];
     packages.extend_from_slice(realnode::DEBIAN_PACKAGES);
     ensure_debian_packages(&packages)?;
     // Before any cargo build: the gateway embeds the page at compile time.
